@@ -1,0 +1,5 @@
+import sys
+
+from dfakd.cli import main
+
+sys.exit(main())

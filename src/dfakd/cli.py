@@ -1,0 +1,143 @@
+"""The ``dfakd`` command line. Every pipeline step is a verb here, so that it also runs by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dfakd import __version__
+from dfakd.errors import DfakdError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-c", "--config", action="append", default=[], metavar="YAML",
+        help="job config file(s), merged in order over the defaults (repeatable)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override one key, e.g. --set recipe.epochs=5 (value parsed as YAML; repeatable)",
+    )
+
+
+def _load_cfg(args: argparse.Namespace) -> dict:
+    from dfakd import config
+
+    return config.load(args.config, args.overrides)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from dfakd import data
+    from dfakd.data.demo import write_mnist5k
+
+    if args.dataset == "mnist5k":
+        root = write_mnist5k(args.root, force=args.force)
+        print(f"mnist5k ready in {root}")
+        return 0
+    cfg = {"name": args.dataset, "root": args.root, "download": args.download}
+    for split in ("train", "test"):
+        n = len(data.load_split(cfg, split))
+        print(f"{args.dataset} {split}: {n} images in {args.root}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dfakd.training import jobs
+
+    result = jobs.train(_load_cfg(args), args.out)
+    print(json.dumps({k: result[k] for k in ("arch", "best_acc1", "last_acc1", "best_epoch")}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dfakd.training import jobs
+
+    result = jobs.evaluate_checkpoint(_load_cfg(args), args.checkpoint, args.out)
+    print(f"{result['arch']} on {result['dataset']} test: top-1 {result['top1']:.2f}%, "
+          f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)")
+    return 0
+
+
+def cmd_import_teacher(args: argparse.Namespace) -> int:
+    from dfakd.training import jobs
+
+    info = jobs.import_teacher(args.checkpoint, args.arch, args.num_classes, args.out, args.sha256)
+    print(f"imported {info['arch']} ({info['parameters']:,} parameters) -> {info['out']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dfakd import models
+
+    for name in models.available():
+        if args.groups:
+            net = models.build(name, args.num_classes)
+            groups = "; ".join(
+                f"{g.spatial}px x{g.channels}: {', '.join(g.names)}" for g in net.describe_groups(32)
+            )
+            print(f"{name}: {groups}")
+        else:
+            print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfakd",
+        description="Differentiable Feature Aggregation search for Knowledge Distillation (DFA, ECCV 2020).",
+    )
+    parser.add_argument("--version", action="version", version=f"dfakd {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("prepare-data", help="write the offline demo dataset, or check/download CIFAR")
+    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10"])
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
+    p.add_argument("--force", action="store_true", help="rewrite mnist5k even if complete")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train a model with cross-entropy (teacher, vanilla student)")
+    _add_config_args(p)
+    p.add_argument("-o", "--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5/loss of a saved model on the test split")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt / imported teacher file")
+    p.add_argument("-o", "--out", help="write the metrics as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import-teacher", help="load a community checkpoint ({'model': state_dict}) strictly")
+    p.add_argument("checkpoint", help="the .pth file, e.g. RepDistiller's resnet32x4_vanilla/ckpt_epoch_240.pth")
+    p.add_argument("--arch", required=True, help="zoo name, e.g. resnet32x4")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--out", required=True, help="where to write the teacher in our layout")
+    p.add_argument("--sha256", help="refuse the file unless its sha256 matches")
+    p.set_defaults(func=cmd_import_teacher)
+
+    p = sub.add_parser("models", help="list the model zoo")
+    p.add_argument("--groups", action="store_true", help="also show layer groups and candidate names")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.set_defaults(func=cmd_models)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DfakdError as exc:
+        print(f"dfakd {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dfakd {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Job configuration: one YAML file per job, merged over the documented defaults below.
+
+The defaults are the single source of truth for every key: a key that is not here is an error, a value of
+the wrong type is an error, and every error names the dotted key. ``docs/config.md`` documents each key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfakd.errors import DfakdError
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "results_dir": "results",
+    "dataset": {
+        "name": "mnist5k",  # mnist5k | cifar10 | cifar100 | cinic10 | imagefolder
+        "root": "data/mnist5k",
+        "download": False,  # torchvision download for CIFAR (needs internet)
+        "num_classes": None,  # imagefolder only; others know theirs
+        "mean": None,  # per-channel normalization; null = the dataset's standard values
+        "std": None,
+        "augment": "auto",  # auto | crop_flip | resized_crop_flip | none
+        "pad_mode": "constant",  # crop_flip padding: constant (RepDistiller) | reflect (DFA authors)
+    },
+    "model": {"arch": "resnet20"},
+    "recipe": {
+        "epochs": 10,
+        "batch_size": 64,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 5.0e-4,
+        "schedule": "multistep",  # multistep | cosine
+        "milestones": [150, 180, 210],  # epochs, multistep only
+        "gamma": 0.1,  # multistep lr factor
+        "warmup_epochs": 0,  # linear warmup from lr/10, counted in epochs
+    },
+    "runtime": {
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "precision": "fp32",  # fp32 | bf16 (autocast)
+        "channels_last": False,
+        "eval_batch_size": 512,
+        "log_every": 50,  # steps between one-line progress messages when not on a terminal
+        "deterministic": False,  # torch.use_deterministic_algorithms
+        "threads": 0,  # torch intra-op threads; 0 = torch's default
+    },
+    "tracking": {
+        "enabled": True,
+        "uri": None,  # null: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
+        "experiment": "dfakd",
+        "parent_run_id": None,  # nest this job's run under a pipeline run
+        "tags": {},
+    },
+}
+
+# keys whose value is a free-form mapping (no schema below them)
+_FREE_FORM = {"tracking.tags"}
+# keys that are null by default and accept these types
+_NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "dataset.num_classes": (int,),
+    "dataset.mean": (list,),
+    "dataset.std": (list,),
+    "tracking.uri": (str,),
+    "tracking.parent_run_id": (str,),
+}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``, refusing unknown keys and wrong types."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            allowed = ", ".join(sorted(base)) or "(none)"
+            raise DfakdError(f"unknown config key '{dotted}'; allowed here: {allowed}")
+        default = base[key]
+        if dotted in _FREE_FORM:
+            if not isinstance(value, dict):
+                raise DfakdError(f"config key '{dotted}' must be a mapping, got {value!r}")
+            out[key] = {**default, **value}
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise DfakdError(f"config key '{dotted}' must be a mapping, got {value!r}")
+            out[key] = merge(default, value, f"{dotted}.")
+        elif default is None:
+            allowed_types = _NULLABLE_TYPES.get(dotted, (str, int, float, list))
+            if value is not None and not isinstance(value, allowed_types):
+                names = " or ".join(t.__name__ for t in allowed_types)
+                raise DfakdError(f"config key '{dotted}' must be null or {names}, got {value!r}")
+            out[key] = value
+        else:
+            if not _type_ok(value, default):
+                raise DfakdError(
+                    f"config key '{dotted}' must be of type {type(default).__name__}, got {value!r}"
+                )
+            out[key] = float(value) if isinstance(default, float) else value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` (value parsed as YAML) -> nested dict."""
+    if "=" not in text:
+        raise DfakdError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise DfakdError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DfakdError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise DfakdError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DfakdError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def load(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Defaults <- each YAML file in order <- each ``--set`` override; then validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for path in paths or []:
+        cfg = merge(cfg, read_yaml(path))
+    for text in overrides or []:
+        cfg = merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise DfakdError(f"config key '{key}' {message}")
+
+
+def _one_of(cfg: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+    value = get(cfg, key)
+    _require(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Value checks that types alone cannot express."""
+    recipe = cfg["recipe"]
+    _require(recipe["epochs"] >= 1, "recipe.epochs", f"must be >= 1, got {recipe['epochs']}")
+    _require(recipe["batch_size"] >= 1, "recipe.batch_size", f"must be >= 1, got {recipe['batch_size']}")
+    _require(recipe["lr"] > 0, "recipe.lr", f"must be > 0, got {recipe['lr']}")
+    _require(recipe["weight_decay"] >= 0, "recipe.weight_decay", "must be >= 0")
+    _require(0 <= recipe["momentum"] < 1, "recipe.momentum", "must be in [0, 1)")
+    _require(recipe["gamma"] > 0, "recipe.gamma", "must be > 0")
+    _require(recipe["warmup_epochs"] >= 0, "recipe.warmup_epochs", "must be >= 0")
+    _require(
+        all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in recipe["milestones"]),
+        "recipe.milestones",
+        f"must be a list of positive integer epochs, got {recipe['milestones']!r}",
+    )
+    _one_of(cfg, "recipe.schedule", ("multistep", "cosine"))
+    _require(cfg["runtime"]["eval_batch_size"] >= 1, "runtime.eval_batch_size", "must be >= 1")
+    _require(cfg["runtime"]["log_every"] >= 1, "runtime.log_every", "must be >= 1")
+    _one_of(cfg, "runtime.precision", ("fp32", "bf16"))
+    _one_of(cfg, "dataset.augment", ("auto", "crop_flip", "resized_crop_flip", "none"))
+    _one_of(cfg, "dataset.pad_mode", ("constant", "reflect"))
+    device = cfg["runtime"]["device"]
+    _require(
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+        "runtime.device",
+        f"must be auto, cpu, cuda or cuda:N; got {device!r}",
+    )
+    for key in ("mean", "std"):
+        value = cfg["dataset"][key]
+        if value is not None:
+            _require(
+                len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+                f"dataset.{key}",
+                "must be a list of 3 numbers",
+            )
+    if cfg["dataset"]["std"] is not None:
+        _require(all(v > 0 for v in cfg["dataset"]["std"]), "dataset.std", "must be positive")
+
+
+def get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{'recipe.lr': 0.05, ...}`` (lists become strings), for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,176 @@
+"""Datasets, read from their real on-disk formats into uint8 image tensors.
+
+- ``cifar10`` / ``cifar100``: the python-pickle batches, read by torchvision's own dataset classes
+  (``root/cifar-10-batches-py`` or ``root/cifar-100-python``);
+- ``cinic10`` and ``imagefolder``: ImageFolder layout ``root/{train,valid,test}/<class>/<image>``,
+  read by torchvision's ``ImageFolder``;
+- ``mnist5k``: the offline demo dataset, ImageFolder layout written by ``dfakd prepare-data`` (see
+  :mod:`dfakd.data.demo`).
+
+Each split is decoded once into an ``(N, 3, H, W)`` uint8 tensor plus int64 labels; batching,
+augmentation and normalization then run on whole batches (:mod:`dfakd.data.stream`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfakd.errors import DfakdError
+
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int | None  # None: counted from the folders (imagefolder)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment: str  # default training augmentation
+    test_split: str  # ImageFolder split used for evaluation
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip", "test"
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip", "test"
+    ),
+    "cinic10": DatasetInfo(
+        "cinic10", 10, (0.4789, 0.4723, 0.4305), (0.2421, 0.2383, 0.2587), "resized_crop_flip", "test"
+    ),
+    "mnist5k": DatasetInfo("mnist5k", 10, (0.1307,) * 3, (0.3081,) * 3, "crop_flip", "test"),
+    "imagefolder": DatasetInfo("imagefolder", None, (0.5,) * 3, (0.5,) * 3, "crop_flip", "test"),
+}
+
+
+@dataclass
+class ImageSplit:
+    """One split in memory: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: torch.Tensor) -> ImageSplit:
+        return ImageSplit(self.images[index], self.labels[index], self.classes)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DfakdError(
+            f"unknown dataset {name!r} (config key 'dataset.name'); available: {', '.join(DATASETS)}"
+        ) from None
+
+
+def num_classes(dataset_cfg: dict[str, Any]) -> int:
+    info = dataset_info(dataset_cfg["name"])
+    if info.num_classes is not None:
+        return info.num_classes
+    if dataset_cfg.get("num_classes"):
+        return int(dataset_cfg["num_classes"])
+    train_dir = Path(dataset_cfg["root"]) / "train"
+    _require_dir(train_dir, dataset_cfg["name"])
+    return sum(1 for p in train_dir.iterdir() if p.is_dir())
+
+
+def normalization(dataset_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    info = dataset_info(dataset_cfg["name"])
+    mean = tuple(dataset_cfg["mean"]) if dataset_cfg.get("mean") else info.mean
+    std = tuple(dataset_cfg["std"]) if dataset_cfg.get("std") else info.std
+    return mean, std
+
+
+def train_augment(dataset_cfg: dict[str, Any]) -> str:
+    augment = dataset_cfg.get("augment", "auto")
+    return dataset_info(dataset_cfg["name"]).augment if augment == "auto" else augment
+
+
+def load_split(dataset_cfg: dict[str, Any], split: str) -> ImageSplit:
+    """``split`` is ``train`` or ``test`` (ImageFolder datasets may also name ``valid``)."""
+    name = dataset_cfg["name"]
+    dataset_info(name)
+    root = Path(dataset_cfg["root"])
+    if name in CIFAR_DIRS:
+        return _load_cifar(name, root, split == "train", bool(dataset_cfg.get("download")))
+    return _load_imagefolder(name, root, split)
+
+
+def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSplit:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except RuntimeError as exc:
+        if "not found or corrupted" not in str(exc):
+            raise
+        raise DfakdError(
+            f"{name} not found or corrupted: expected the python-pickle batches in "
+            f"{root / CIFAR_DIRS[name]} (set dataset.download: true where there is internet, or unpack "
+            f"the official {CIFAR_DIRS[name].replace('-py', '').replace('-python', '')}-python.tar.gz there)"
+        ) from None
+    except OSError as exc:  # download attempted without internet
+        raise DfakdError(f"{name}: download into {root} failed ({exc}); fetch the archive by hand") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return ImageSplit(images, labels, list(ds.classes))
+
+
+def _require_dir(path: Path, name: str) -> None:
+    if not path.is_dir():
+        hint = "run `dfakd prepare-data mnist5k --root ROOT`" if name == "mnist5k" else "see docs/data.md"
+        raise DfakdError(f"{name}: missing directory {path} (ImageFolder layout <root>/<split>/<class>/; {hint})")
+
+
+def _load_imagefolder(name: str, root: Path, split: str) -> ImageSplit:
+    from torchvision import datasets
+
+    split_dir = root / (split if split != "test" else dataset_info(name).test_split)
+    _require_dir(split_dir, name)
+    try:
+        ds = datasets.ImageFolder(str(split_dir))
+    except FileNotFoundError as exc:
+        raise DfakdError(f"{name}: {split_dir} holds no class folders with images ({exc})") from None
+    if not ds.samples:
+        raise DfakdError(f"{name}: no images found under {split_dir}")
+    first = np.asarray(ds.loader(ds.samples[0][0]).convert("RGB"))
+    images = np.empty((len(ds.samples), *first.shape), dtype=np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            img = np.asarray(ds.loader(path).convert("RGB"))
+        except OSError as exc:
+            raise DfakdError(f"{name}: cannot read image {path} ({exc})") from None
+        if img.shape != first.shape:
+            raise DfakdError(
+                f"{name}: image {path} is {img.shape[1]}x{img.shape[0]}, expected {first.shape[1]}x"
+                f"{first.shape[0]} like the rest of {split_dir}"
+            )
+        images[i] = img
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor([label for _, label in ds.samples], dtype=torch.int64)
+    return ImageSplit(tensor, labels, list(ds.classes))
+
+
+def stratified_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into two halves with the same class proportions (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for cls in torch.unique(labels):
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        half = idx.numel() // 2
+        first.append(idx[:half])
+        second.append(idx[half:])
+    return torch.sort(torch.cat(first)).values, torch.sort(torch.cat(second)).values

@@ -1,0 +1,122 @@
+"""Batches from an in-memory split, with augmentation and normalization done on whole batches.
+
+The uint8 images can live on the training device (the device-resident pipeline); crops, flips and
+normalization then run there in batch, with no DataLoader workers. Shuffling and augmentation draw from
+a generator seeded by ``(seed, epoch)``, so a resumed epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from dfakd.data.datasets import ImageSplit
+
+AUGMENTATIONS = ("crop_flip", "resized_crop_flip", "none")
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + stream)
+
+
+def crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant") -> torch.Tensor:
+    """Random ``pad``-pixel-padded crop back to the input size, and a random horizontal flip."""
+    n, _, h, w = images.shape
+    mode = "constant" if pad_mode == "constant" else "reflect"
+    padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+    rows = oy[:, None] + torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def resized_crop_flip(
+    images: torch.Tensor,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (bilinear, back to the input size) and a horizontal flip, batched."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = images.shape
+    area = h * w * torch.empty(n).uniform_(*scale, generator=gen)
+    log_r = torch.empty(n).uniform_(torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), generator=gen)
+    aspect = torch.exp(log_r)
+    cw = torch.sqrt(area * aspect).round().clamp(1, w)
+    ch = torch.sqrt(area / aspect).round().clamp(1, h)
+    x0 = (torch.rand(n, generator=gen) * (w - cw + 1)).floor()
+    y0 = (torch.rand(n, generator=gen) * (h - ch + 1)).floor()
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(images.float(), boxes.to(images.device), output_size=(h, w), sampling_ratio=2, aligned=True)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class BatchStream:
+    """Iterates ``(x, y)`` batches of one split: float normalized images on ``device``, int64 labels."""
+
+    def __init__(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool,
+        augment: str = "none",
+        pad_mode: str = "constant",
+        seed: int = 0,
+        stream_id: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}")
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.augment = augment if train else "none"
+        self.pad_mode = pad_mode
+        self.seed = seed
+        self.stream_id = stream_id
+        self.channels_last = channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        # training drops the last incomplete batch (BatchNorm on a batch of one fails)
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = epoch_generator(self.seed, self.epoch, self.stream_id)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        for b in range(len(self)):
+            index = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
+            idx = order[index] if order is not None else None
+            images = self.images[idx] if idx is not None else self.images[index]
+            labels = self.labels[idx] if idx is not None else self.labels[index]
+            yield self.prepare(images, gen), labels
+
+    def prepare(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        if self.augment == "crop_flip":
+            images = crop_flip(images, gen, pad_mode=self.pad_mode)
+        elif self.augment == "resized_crop_flip":
+            images = resized_crop_flip(images, gen)
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

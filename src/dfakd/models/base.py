@@ -1,0 +1,90 @@
+"""The feature interface that every model in the zoo implements, and the only thing the methods use.
+
+A network is seen as a stem, an ordered list of *layer groups* (runs of blocks that share one spatial
+size, METHOD.md section 1) and a head (pooling and classifier). For every group the model names its
+*candidates*: the blocks/units whose outputs are aggregation candidates, in forward order, each with a
+stable name (the module path of the block, e.g. ``layer2.3``). The last candidate of a group is the
+*group-end* feature. All candidates of one group have one shape.
+
+Every feature is the tensor *before* the activation that follows it (pre-ReLU, as in OFD). Models never
+apply an in-place activation to a tensor they return as a feature.
+
+- ``model(x)`` returns logits, like any classifier (community checkpoints load and run unchanged);
+- ``model.forward_features(x)`` returns :class:`NetFeatures`, every candidate of every group and the
+  logits, from one forward pass;
+- ``model.forward_from(i, h)`` runs what follows group ``i`` (the activation the network applies to the
+  group-end feature, the remaining groups and the head) on a pre-activation feature ``h`` shaped like
+  group ``i``'s group-end feature. ``forward_from(i, feats.candidates[i][-1])`` equals ``feats.logits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class NetFeatures:
+    """Everything one forward pass collects."""
+
+    candidates: list[list[torch.Tensor]]
+    logits: torch.Tensor
+
+    @property
+    def group_ends(self) -> list[torch.Tensor]:
+        return [group[-1] for group in self.candidates]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """Static description of one layer group for a given input size."""
+
+    index: int
+    names: tuple[str, ...]
+    channels: int
+    spatial: int
+
+    @property
+    def end_name(self) -> str:
+        return self.names[-1]
+
+
+class FeatureNet(nn.Module):
+    """Base class of the zoo. Subclasses set ``group_names`` and implement the three forwards."""
+
+    #: candidate names per group, in forward order; set by each subclass in ``__init__``
+    group_names: list[list[str]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).logits
+
+    def forward_features(self, x: torch.Tensor) -> NetFeatures:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def candidate_names(self) -> list[str]:
+        return [name for group in self.group_names for name in group]
+
+    @torch.no_grad()
+    def describe_groups(self, input_size: int = 32) -> list[GroupInfo]:
+        """Channels and spatial size of each group, found with one dummy forward in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            param = next(self.parameters())
+            x = torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype)
+            feats = self.forward_features(x)
+        finally:
+            self.train(was_training)
+        return [
+            GroupInfo(index=i, names=tuple(names), channels=int(t[-1].shape[1]), spatial=int(t[-1].shape[-1]))
+            for i, (names, t) in enumerate(zip(self.group_names, feats.candidates, strict=True))
+        ]

@@ -1,0 +1,227 @@
+"""The supervised training loop shared by ``dfakd train`` (teachers, vanilla students) and ``dfakd
+distill`` (every distillation method): epochs, lr schedule, evaluation, checkpoint and resume.
+
+A job's run folder holds, as its results (the source of truth):
+
+- ``config.yaml``: the resolved configuration;
+- ``checkpoint.pt``: the resumable state, rewritten atomically after every epoch;
+- ``best.pt`` / ``last.pt``: ``{'model': student state_dict, ...}`` (RepDistiller layout);
+- ``metrics.csv``: one row per epoch;
+- ``result.json``: final figures, written last (its presence means the job finished).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfakd.data import BatchStream
+from dfakd.errors import DfakdError
+from dfakd.tracking import Tracker
+from dfakd.training import checkpoint as ckpt
+from dfakd.training.runtime import Progress, autocast, log
+from dfakd.training.schedule import lr_at, set_lr, sgd
+
+#: (x, y) -> (total loss, student logits, named loss terms for logging)
+StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+@dataclass
+class Job:
+    """What a loop needs to know about the job it runs."""
+
+    cfg: dict[str, Any]
+    run_dir: Path
+    device: torch.device
+    tracker: Tracker
+    meta: dict[str, Any]  # arch, num_classes, dataset, ... stored beside the weights
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, stream: BatchStream, precision: str = "fp32") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over a whole split."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    total = 0
+    for x, y in stream:
+        with autocast(stream.device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total, "n": total}
+
+
+def weights_payload(student: nn.Module, meta: dict[str, Any], epoch: int, acc: float) -> dict[str, Any]:
+    return {"model": student.state_dict(), "epoch": epoch, "accuracy": acc, **meta}
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    ckpt.atomic_write_text(path, buf.getvalue())
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    job: Job,
+    trainable: nn.Module,
+    student: nn.Module,
+    step_loss: StepLoss,
+    train_stream: BatchStream,
+    test_stream: BatchStream,
+    on_resume: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``trainable`` (the student plus any connectors) by SGD on ``step_loss``; evaluate ``student``.
+
+    Resumes from ``checkpoint.pt`` in the run folder when one exists.
+    """
+    recipe = job.cfg["recipe"]
+    precision = job.cfg["runtime"]["precision"]
+    run_dir = job.run_dir
+    optimizer = sgd(trainable.parameters(), recipe)
+    history: list[dict[str, float]] = []
+    start_epoch, best_acc, best_epoch = 0, -1.0, -1
+    state_path = run_dir / CHECKPOINT
+    if state_path.is_file():
+        state = ckpt.load(state_path, map_location=job.device)
+        ckpt.load_state_strict(trainable, state["trainable"], str(state_path), job.meta.get("arch", "?"))
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        history = state["history"]
+        set_rng_state(state["rng"])
+        log(f"resuming from {state_path} after epoch {start_epoch}/{recipe['epochs']}")
+        if on_resume is not None:
+            on_resume()
+
+    steps = len(train_stream)
+    if steps == 0:
+        raise DfakdError(f"recipe.batch_size {recipe['batch_size']} is larger than the training set")
+    wall_start = time.perf_counter()
+    for epoch in range(start_epoch, recipe["epochs"]):
+        lr = lr_at(epoch, recipe)
+        set_lr(optimizer, lr)
+        train_stream.set_epoch(epoch)
+        trainable.train()
+        progress = Progress(steps, f"epoch {epoch + 1}/{recipe['epochs']}", job.cfg["runtime"]["log_every"])
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=job.device)
+        seen = 0
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(train_stream):
+            with autocast(job.device, precision):
+                loss, logits, parts = step_loss(x, y)
+            if not torch.isfinite(loss):
+                raise DfakdError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; the last good "
+                    f"checkpoint is kept in {state_path}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            if progress.tty or (step + 1) % progress.every == 0 or step + 1 == steps:
+                progress.update(step, f"loss {loss.item():.4f} lr {lr:.4g}")
+        epoch_time = time.perf_counter() - t0
+        test = evaluate(student, test_stream, precision)
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            **{f"train_{k}": (v / steps).item() for k, v in sums.items()},
+            "train_acc1": 100.0 * correct.item() / seen,
+            "test_acc1": test["top1"],
+            "test_acc5": test["top5"],
+            "test_loss": test["loss"],
+            "epoch_time_s": epoch_time,
+            "images_per_s": seen / epoch_time,
+        }
+        history.append(row)
+        if test["top1"] > best_acc:
+            best_acc, best_epoch = test["top1"], epoch + 1
+            ckpt.atomic_save(weights_payload(student, job.meta, epoch + 1, best_acc), run_dir / "best.pt")
+        ckpt.atomic_save(
+            {
+                "trainable": trainable.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "best_epoch": best_epoch,
+                "history": history,
+                "rng": rng_state(),
+            },
+            state_path,
+        )
+        write_metrics_csv(run_dir / "metrics.csv", history)
+        job.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log(
+            f"epoch {epoch + 1}/{recipe['epochs']}: train loss {row['train_loss']:.4f}, "
+            f"test top-1 {test['top1']:.2f}% (best {best_acc:.2f}% @ {best_epoch}), {epoch_time:.1f}s"
+        )
+
+    last = history[-1]
+    ckpt.atomic_save(weights_payload(student, job.meta, last["epoch"], last["test_acc1"]), run_dir / "last.pt")
+    accs = [h["test_acc1"] for h in history]
+    result = {
+        **job.meta,
+        "epochs": recipe["epochs"],
+        "best_acc1": best_acc,
+        "best_epoch": best_epoch,
+        "last_acc1": last["test_acc1"],
+        "last_acc5": last["test_acc5"],
+        "last_loss": last["test_loss"],
+        "mean_last5_acc1": sum(accs[-5:]) / len(accs[-5:]),
+        "train_wall_s": sum(h["epoch_time_s"] for h in history),
+        "this_run_wall_s": time.perf_counter() - wall_start,
+    }
+    return result
+
+
+def finish(job: Job, result: dict[str, Any], extra_artifacts: list[Path] | None = None) -> None:
+    """Write ``result.json`` (last: it marks the job finished) and log the run folder to MLflow."""
+    run_dir = job.run_dir
+    ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    job.tracker.log_metrics(
+        {k: v for k, v in result.items() if k.endswith(("acc1", "acc5", "_loss")) and isinstance(v, (int, float))},
+        step=int(result.get("epochs", 0)),
+    )
+    artifacts = [run_dir / n for n in ("config.yaml", "metrics.csv", RESULT)] + list(extra_artifacts or [])
+    job.tracker.log_artifacts(artifacts)
+    job.tracker.finish()

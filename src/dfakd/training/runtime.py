@@ -1,0 +1,86 @@
+"""Device selection, seeding, precision and progress output shared by every job."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfakd.errors import DfakdError
+
+
+def select_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA where there is none is a clear error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DfakdError(f"runtime.device is {requested!r} but no CUDA device is available here; use auto or cpu")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise DfakdError(
+                f"runtime.device is {requested!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return torch.device(requested)
+
+
+def setup(cfg: dict[str, Any]) -> torch.device:
+    runtime = cfg["runtime"]
+    if runtime["threads"]:
+        torch.set_num_threads(runtime["threads"])
+    if runtime["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg["seed"])
+    return select_device(runtime["device"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_module(module: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    module = module.to(device)
+    return module.to(memory_format=torch.channels_last) if channels_last else module
+
+
+class Progress:
+    """A progress bar on a terminal; one line every ``every`` steps in a log file."""
+
+    def __init__(self, total: int, label: str, every: int) -> None:
+        self.total, self.label, self.every = total, label, every
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, text: str) -> None:
+        done = step + 1
+        if self.tty:
+            width = 24
+            filled = int(width * done / max(1, self.total))
+            bar = "#" * filled + "." * (width - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {text}")
+            if done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif done % self.every == 0 or done == self.total:
+            rate = done / max(1e-9, time.perf_counter() - self.start)
+            print(f"{self.label} step {done}/{self.total} {text} ({rate:.1f} it/s)", file=sys.stderr, flush=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
