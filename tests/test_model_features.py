@@ -26,7 +26,7 @@ def test_groups_named_and_shaped(net_and_feats):
     names = net.candidate_names()
     assert len(names) == len(set(names)), "candidate names must be unique"
     modules = dict(net.named_modules())
-    for group_names, group in zip(net.group_names, feats.candidates):
+    for group_names, group in zip(net.group_names, feats.candidates, strict=True):
         assert len(group) == len(group_names) >= 1
         assert all(n in modules for n in group_names), f"{name}: names must be module paths"
         assert len({tuple(t.shape) for t in group}) == 1, f"{name}: candidates of a group differ in shape"
