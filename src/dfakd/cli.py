@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from dfakd import __version__
 from dfakd.errors import DfakdError
@@ -13,11 +12,19 @@ from dfakd.errors import DfakdError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-c", "--config", action="append", default=[], metavar="YAML",
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
         help="job config file(s), merged in order over the defaults (repeatable)",
     )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
         help="override one key, e.g. --set recipe.epochs=5 (value parsed as YAML; repeatable)",
     )
 
@@ -55,8 +62,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dfakd.training import jobs
 
     result = jobs.evaluate_checkpoint(_load_cfg(args), args.checkpoint, args.out)
-    print(f"{result['arch']} on {result['dataset']} test: top-1 {result['top1']:.2f}%, "
-          f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)")
+    print(
+        f"{result['arch']} on {result['dataset']} test: top-1 {result['top1']:.2f}%, "
+        f"top-5 {result['top5']:.2f}%, loss {result['loss']:.4f} ({result['n']} images)"
+    )
     return 0
 
 
@@ -65,6 +74,44 @@ def cmd_import_teacher(args: argparse.Namespace) -> int:
 
     info = jobs.import_teacher(args.checkpoint, args.arch, args.num_classes, args.out, args.sha256)
     print(f"imported {info['arch']} ({info['parameters']:,} parameters) -> {info['out']}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dfakd.methods.search import search
+
+    result = search(_load_cfg(args), args.out)
+    for g in result["groups"]:
+        print(
+            f"{g['spatial']}px: "
+            + ", ".join(f"{n}={a:.3f}" for n, a in zip(g["layers"], g["alpha"], strict=True))
+        )
+    return 0
+
+
+def cmd_derive(args: argparse.Namespace) -> int:
+    from dfakd.methods.aggregation import derive
+
+    if args.mode:
+        args.overrides.append(f"derive.mode={args.mode}")
+    agg = derive(_load_cfg(args), args.search, args.out)
+    for g in agg.groups:
+        print(f"{g.spatial}px: " + ", ".join(f"{n}={w:.3f}" for n, w in g.layers.items()))
+    print(f"wrote {args.out} ({agg.mode})")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dfakd.methods.distill import distill
+
+    if args.method:
+        args.overrides.append(f"distill.method={args.method}")
+    if args.aggregation:
+        args.overrides.append(f"distill.aggregation={args.aggregation}")
+    if args.teacher:
+        args.overrides.append(f"teacher.checkpoint={args.teacher}")
+    result = distill(_load_cfg(args), args.out)
+    print(json.dumps({k: result[k] for k in ("arch", "method", "best_acc1", "last_acc1", "best_epoch")}))
     return 0
 
 
@@ -111,12 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("import-teacher", help="load a community checkpoint ({'model': state_dict}) strictly")
-    p.add_argument("checkpoint", help="the .pth file, e.g. RepDistiller's resnet32x4_vanilla/ckpt_epoch_240.pth")
+    p.add_argument(
+        "checkpoint", help="the .pth file, e.g. RepDistiller's resnet32x4_vanilla/ckpt_epoch_240.pth"
+    )
     p.add_argument("--arch", required=True, help="zoo name, e.g. resnet32x4")
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--out", required=True, help="where to write the teacher in our layout")
     p.add_argument("--sha256", help="refuse the file unless its sha256 matches")
     p.set_defaults(func=cmd_import_teacher)
+
+    p = sub.add_parser("search", help="stage 1: differentiable aggregation search with the bridge loss")
+    _add_config_args(p)
+    p.add_argument("-o", "--out", required=True, help="run folder (search.json, alpha trajectory, plots)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("derive", help="search result -> discrete aggregation file (or a fixed baseline)")
+    _add_config_args(p)
+    p.add_argument("--search", help="search.json from `dfakd search` (not needed for last/average/random)")
+    p.add_argument("--mode", help="prune | argmax | topk | full | last | average | random (derive.mode)")
+    p.add_argument("-o", "--out", required=True, help="aggregation YAML to write")
+    p.set_defaults(func=cmd_derive)
+
+    p = sub.add_parser("distill", help="stage 2: train a student with CE + distillation method(s)")
+    _add_config_args(p)
+    p.add_argument("--method", help="dfa, ofd, kd, fitnet, at, dkd, vanilla, or a sum like dfa+kd")
+    p.add_argument("--aggregation", help="aggregation file for dfa (distill.aggregation)")
+    p.add_argument("--teacher", help="teacher checkpoint (teacher.checkpoint)")
+    p.add_argument("-o", "--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--groups", action="store_true", help="also show layer groups and candidate names")

@@ -27,7 +27,39 @@ DEFAULTS: dict[str, Any] = {
         "augment": "auto",  # auto | crop_flip | resized_crop_flip | none
         "pad_mode": "constant",  # crop_flip padding: constant (RepDistiller) | reflect (DFA authors)
     },
-    "model": {"arch": "resnet20"},
+    "model": {"arch": "resnet20"},  # the model trained by `train`; the student of `search`/`distill`
+    "teacher": {
+        "arch": None,  # zoo name of the teacher
+        "checkpoint": None,  # teacher weights in our layout (`dfakd train` best.pt or `dfakd import-teacher`)
+    },
+    "search": {  # stage 1 (METHOD.md section 2); DARTS defaults
+        "schedule": "groupwise",  # groupwise (one group at a time, in order) | joint (all groups at once)
+        "epochs": 10,  # epochs over the weight half per phase (groupwise: one phase per group)
+        "batch_size": 64,
+        "w_lr": 0.025,  # student + connectors: SGD, cosine to w_lr_min
+        "w_lr_min": 0.001,
+        "w_momentum": 0.9,
+        "w_weight_decay": 3.0e-4,
+        "beta_lr": 3.0e-4,  # architecture parameters: Adam
+        "beta_betas": [0.5, 0.999],
+        "beta_weight_decay": 1.0e-3,
+        "gamma_ts": 1.0,  # bridge loss = gamma_ts * L_TS + gamma_st * L_ST
+        "gamma_st": 1.0,
+        "regularizer": "none",  # R(beta): none | entropy (of alpha) | l2 (of beta)
+        "regularizer_weight": 0.0,
+        "record_every": 1,  # beta steps between rows of the alpha trajectory
+    },
+    "derive": {  # section 3
+        "mode": "prune",  # prune | argmax | topk | full | last | average | random
+        "tau": 0.1,  # prune: keep layers with alpha >= tau, renormalize
+        "k": 2,  # topk
+    },
+    "distill": {  # stage 2 (section 4)
+        "method": "dfa",  # a method name or several joined by '+', e.g. dfa+kd; vanilla = CE only
+        "ce_weight": 1.0,  # weight of the student's cross-entropy
+        "aggregation": None,  # aggregation file for dfa (from `dfakd derive`)
+        "options": {},  # per-method options, e.g. {kd: {temperature: 4}}; see docs/method.md
+    },
     "recipe": {
         "epochs": 10,
         "batch_size": 64,
@@ -59,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # keys whose value is a free-form mapping (no schema below them)
-_FREE_FORM = {"tracking.tags"}
+_FREE_FORM = {"tracking.tags", "distill.options"}
 # keys that are null by default and accept these types
 _NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "dataset.num_classes": (int,),
@@ -67,6 +99,9 @@ _NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "dataset.std": (list,),
     "tracking.uri": (str,),
     "tracking.parent_run_id": (str,),
+    "teacher.arch": (str,),
+    "teacher.checkpoint": (str,),
+    "distill.aggregation": (str,),
 }
 
 
@@ -204,6 +239,18 @@ def validate(cfg: dict[str, Any]) -> None:
                 f"dataset.{key}",
                 "must be a list of 3 numbers",
             )
+    search = cfg["search"]
+    _one_of(cfg, "search.schedule", ("groupwise", "joint"))
+    _one_of(cfg, "search.regularizer", ("none", "entropy", "l2"))
+    for key in ("epochs", "batch_size", "record_every"):
+        _require(search[key] >= 1, f"search.{key}", f"must be >= 1, got {search[key]}")
+    for key in ("w_lr", "beta_lr"):
+        _require(search[key] > 0, f"search.{key}", f"must be > 0, got {search[key]}")
+    _require(len(search["beta_betas"]) == 2, "search.beta_betas", "must be a list of two numbers")
+    _one_of(cfg, "derive.mode", ("prune", "argmax", "topk", "full", "last", "average", "random"))
+    _require(0 <= cfg["derive"]["tau"] < 1, "derive.tau", "must be in [0, 1)")
+    _require(cfg["derive"]["k"] >= 1, "derive.k", "must be >= 1")
+    _require(cfg["distill"]["ce_weight"] >= 0, "distill.ce_weight", "must be >= 0")
     if cfg["dataset"]["std"] is not None:
         _require(all(v > 0 for v in cfg["dataset"]["std"]), "dataset.std", "must be positive")
 
@@ -223,7 +270,9 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{dotted}."))
         else:
-            flat[dotted] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            flat[dotted] = (
+                value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            )
     return flat
 
 

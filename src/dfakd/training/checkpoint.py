@@ -74,11 +74,15 @@ def extract_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DfakdError(f"checkpoint {path} holds no state_dict (expected {{'model': state_dict}} or a state_dict)")
+        raise DfakdError(
+            f"checkpoint {path} holds no state_dict (expected {{'model': state_dict}} or a state_dict)"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+def load_state_strict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, arch: str
+) -> None:
     """``load_state_dict(strict=True)`` with an error that lists what does not match."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

@@ -19,7 +19,9 @@ from dfakd.training.loop import RESULT, Job, evaluate, finish, fit
 from dfakd.training.runtime import log, prepare_module, setup
 
 
-def open_job(cfg: dict[str, Any], run_dir: str | Path, stage: str, run_name: str, tags: dict[str, Any]) -> Job:
+def open_job(
+    cfg: dict[str, Any], run_dir: str | Path, stage: str, run_name: str, tags: dict[str, Any]
+) -> Job:
     """Seed, pick the device, write ``config.yaml``, and open (or reopen) the job's MLflow run."""
     run_dir = Path(run_dir)
     device = setup(cfg)
@@ -30,7 +32,9 @@ def open_job(cfg: dict[str, Any], run_dir: str | Path, stage: str, run_name: str
     return Job(cfg=cfg, run_dir=run_dir, device=device, tracker=tracker, meta={})
 
 
-def train_stream(cfg: dict[str, Any], device: torch.device, split: data.ImageSplit | None = None) -> data.BatchStream:
+def train_stream(
+    cfg: dict[str, Any], device: torch.device, split: data.ImageSplit | None = None
+) -> data.BatchStream:
     """Shuffled, augmented batches of the training split (or of ``split``, a part of it)."""
     dcfg = cfg["dataset"]
     mean, std = data.normalization(dcfg)
@@ -83,9 +87,14 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         train_batches, test_batches = train_stream(cfg, job.device), test_stream(cfg, job.device)
         torch.manual_seed(cfg["seed"])
         model = prepare_module(models.build(arch, n_classes), job.device, cfg["runtime"]["channels_last"])
-        job.meta = {"arch": arch, "num_classes": n_classes, "dataset": cfg["dataset"]["name"], "seed": cfg["seed"]}
+        job.meta = {
+            "arch": arch,
+            "num_classes": n_classes,
+            "dataset": cfg["dataset"]["name"],
+            "seed": cfg["seed"],
+        }
 
-        def step_loss(x, y):
+        def step_loss(x, y, epoch):
             logits = model(x)
             return F.cross_entropy(logits, y), logits, {}
 
@@ -95,11 +104,15 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     except BaseException:
         job.tracker.finish("FAILED")
         raise
-    log(f"done: best top-1 {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%; {job.tracker.describe()}")
+    log(
+        f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%; {job.tracker.describe()}"
+    )
     return result
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[models.FeatureNet, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[models.FeatureNet, dict[str, Any]]:
     """A model saved by this package (``{'model': sd, 'arch': ..., 'num_classes': ...}``)."""
     payload = ckpt.load(path)
     if not isinstance(payload, dict) or "arch" not in payload or "num_classes" not in payload:
@@ -113,18 +126,25 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[mo
     return model.to(device), meta
 
 
-def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path, out: str | Path | None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    cfg: dict[str, Any], checkpoint: str | Path, out: str | Path | None
+) -> dict[str, Any]:
     """``dfakd evaluate``: top-1/top-5/loss of a saved model on the configured test split, as JSON."""
     device = setup(cfg)
     model, meta = load_model(checkpoint, device)
     n_classes = data.num_classes(cfg["dataset"])
     if meta["num_classes"] != n_classes:
         raise DfakdError(
-            f"{checkpoint} has {meta['num_classes']} classes but dataset {cfg['dataset']['name']} has {n_classes}"
+            f"{checkpoint} has {meta['num_classes']} classes, dataset {cfg['dataset']['name']} {n_classes}"
         )
     model = prepare_module(model, device, cfg["runtime"]["channels_last"])
     metrics = evaluate(model, test_stream(cfg, device), cfg["runtime"]["precision"])
-    result = {"checkpoint": str(checkpoint), "arch": meta["arch"], "dataset": cfg["dataset"]["name"], **metrics}
+    result = {
+        "checkpoint": str(checkpoint),
+        "arch": meta["arch"],
+        "dataset": cfg["dataset"]["name"],
+        **metrics,
+    }
     if out is not None:
         ckpt.atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
@@ -152,6 +172,32 @@ def import_teacher(
     model = models.build(arch, num_classes)
     state = ckpt.extract_state_dict(ckpt.load(source), source)
     ckpt.load_state_strict(model, state, str(source), arch)
-    payload = {"model": model.state_dict(), "arch": arch, "num_classes": num_classes, "imported_from": str(source)}
+    payload = {
+        "model": model.state_dict(),
+        "arch": arch,
+        "num_classes": num_classes,
+        "imported_from": str(source),
+    }
     ckpt.atomic_save(payload, out)
-    return {"arch": arch, "num_classes": num_classes, "out": str(out), "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "out": str(out),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def load_teacher(cfg: dict[str, Any], n_classes: int) -> tuple[models.FeatureNet, str]:
+    """The frozen teacher of ``search``/``distill`` from ``teacher.checkpoint`` (our layout)."""
+    path = cfg["teacher"]["checkpoint"]
+    if not path:
+        raise DfakdError(
+            "config key 'teacher.checkpoint' is not set (a `dfakd train` best.pt or an imported teacher)"
+        )
+    teacher, meta = load_model(path)
+    arch = meta["arch"]
+    if cfg["teacher"]["arch"] and cfg["teacher"]["arch"] != arch:
+        raise DfakdError(f"teacher.arch is {cfg['teacher']['arch']!r} but {path} holds a {arch!r}")
+    if meta["num_classes"] != n_classes:
+        raise DfakdError(f"teacher {path} has {meta['num_classes']} classes, the dataset {n_classes}")
+    return teacher, arch

@@ -32,8 +32,10 @@ from dfakd.training import checkpoint as ckpt
 from dfakd.training.runtime import Progress, autocast, log
 from dfakd.training.schedule import lr_at, set_lr, sgd
 
-#: (x, y) -> (total loss, student logits, named loss terms for logging)
-StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+#: (x, y, fractional epoch) -> (total loss, student logits, named loss terms for logging)
+StepLoss = Callable[
+    [torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+]
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -68,7 +70,12 @@ def evaluate(model: nn.Module, stream: BatchStream, precision: str = "fp32") -> 
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += y.numel()
     model.train(was_training)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total, "n": total}
+    return {
+        "top1": 100.0 * correct1 / total,
+        "top5": 100.0 * correct5 / total,
+        "loss": loss_sum / total,
+        "n": total,
+    }
 
 
 def weights_payload(student: nn.Module, meta: dict[str, Any], epoch: int, acc: float) -> dict[str, Any]:
@@ -105,7 +112,6 @@ def fit(
     step_loss: StepLoss,
     train_stream: BatchStream,
     test_stream: BatchStream,
-    on_resume: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``trainable`` (the student plus any connectors) by SGD on ``step_loss``; evaluate ``student``.
 
@@ -126,8 +132,6 @@ def fit(
         history = state["history"]
         set_rng_state(state["rng"])
         log(f"resuming from {state_path} after epoch {start_epoch}/{recipe['epochs']}")
-        if on_resume is not None:
-            on_resume()
 
     steps = len(train_stream)
     if steps == 0:
@@ -145,7 +149,7 @@ def fit(
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(train_stream):
             with autocast(job.device, precision):
-                loss, logits, parts = step_loss(x, y)
+                loss, logits, parts = step_loss(x, y, epoch + step / steps)
             if not torch.isfinite(loss):
                 raise DfakdError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; the last good "
@@ -197,7 +201,9 @@ def fit(
         )
 
     last = history[-1]
-    ckpt.atomic_save(weights_payload(student, job.meta, last["epoch"], last["test_acc1"]), run_dir / "last.pt")
+    ckpt.atomic_save(
+        weights_payload(student, job.meta, last["epoch"], last["test_acc1"]), run_dir / "last.pt"
+    )
     accs = [h["test_acc1"] for h in history]
     result = {
         **job.meta,
@@ -219,7 +225,11 @@ def finish(job: Job, result: dict[str, Any], extra_artifacts: list[Path] | None 
     run_dir = job.run_dir
     ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     job.tracker.log_metrics(
-        {k: v for k, v in result.items() if k.endswith(("acc1", "acc5", "_loss")) and isinstance(v, (int, float))},
+        {
+            k: v
+            for k, v in result.items()
+            if k.endswith(("acc1", "acc5", "_loss")) and isinstance(v, (int, float))
+        },
         step=int(result.get("epochs", 0)),
     )
     artifacts = [run_dir / n for n in ("config.yaml", "metrics.csv", RESULT)] + list(extra_artifacts or [])

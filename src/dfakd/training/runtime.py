@@ -20,7 +20,9 @@ def select_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DfakdError(f"runtime.device is {requested!r} but no CUDA device is available here; use auto or cpu")
+            raise DfakdError(
+                f"runtime.device is {requested!r} but no CUDA device is available here; use auto or cpu"
+            )
         index = int(requested.split(":")[1]) if ":" in requested else 0
         if index >= torch.cuda.device_count():
             raise DfakdError(
@@ -79,7 +81,9 @@ class Progress:
             sys.stderr.flush()
         elif done % self.every == 0 or done == self.total:
             rate = done / max(1e-9, time.perf_counter() - self.start)
-            print(f"{self.label} step {done}/{self.total} {text} ({rate:.1f} it/s)", file=sys.stderr, flush=True)
+            print(
+                f"{self.label} step {done}/{self.total} {text} ({rate:.1f} it/s)", file=sys.stderr, flush=True
+            )
 
 
 def log(message: str) -> None:

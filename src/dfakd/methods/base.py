@@ -1,0 +1,92 @@
+"""The interface every distillation method implements (one small class per method, one file each).
+
+A distillation step runs the teacher once (``forward_features`` under ``no_grad``) and the student once,
+then asks each configured method for its loss terms::
+
+    t = teacher.forward_features(x)        # one teacher forward feeds every method
+    s = student.forward_features(x)
+    loss = ce_weight * CE(s.logits, y) + sum(method(s, t, y, epoch) for method in methods)
+
+A method is an ``nn.Module``: its own trainable parts (connectors, regressors) are submodules and are
+optimized with the student; its fixed state (e.g. margins) are buffers, saved in the checkpoint.
+Options come from ``distill.methods.<name>`` in the config, checked against the class's ``DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfakd.errors import DfakdError
+from dfakd.models import FeatureNet, GroupInfo, NetFeatures
+
+
+@dataclass(frozen=True)
+class GroupPair:
+    """A teacher group and the student group of the same spatial size."""
+
+    teacher: GroupInfo
+    student: GroupInfo
+
+    @property
+    def spatial(self) -> int:
+        return self.teacher.spatial
+
+
+def match_groups(teacher: FeatureNet, student: FeatureNet, input_size: int = 32) -> list[GroupPair]:
+    """Pair teacher and student groups by spatial size; groups only one side has are left out."""
+    t_groups = teacher.describe_groups(input_size)
+    s_by_size = {g.spatial: g for g in student.describe_groups(input_size)}
+    pairs = [GroupPair(t, s_by_size[t.spatial]) for t in t_groups if t.spatial in s_by_size]
+    if not pairs:
+        raise DfakdError("teacher and student share no group of the same spatial size")
+    return pairs
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What some methods need beyond their options: the teacher's zoo name, the aggregation file."""
+
+    teacher_arch: str
+    aggregation: str | None = None
+
+
+class DistillMethod(nn.Module):
+    """Base class: set ``name`` and ``DEFAULTS``, implement ``forward`` returning named loss terms."""
+
+    name: ClassVar[str]
+    DEFAULTS: ClassVar[dict[str, Any]] = {"weight": 1.0}
+
+    def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.options = self.resolve_options(options)
+
+    @classmethod
+    def from_config(
+        cls, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any], context: DistillContext
+    ) -> DistillMethod:
+        """Build from config; methods that need the context override this."""
+        return cls(teacher, student, options)
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.DEFAULTS))
+        if unknown:
+            raise DfakdError(
+                f"unknown option(s) {', '.join(unknown)} for method '{cls.name}' "
+                f"(config key 'distill.methods.{cls.name}'); allowed: {', '.join(cls.DEFAULTS)}"
+            )
+        return {**cls.DEFAULTS, **options}
+
+    def prepare(self, teacher: FeatureNet, batches) -> None:
+        """Called once before training (not on resume): estimate fixed state from training data."""
+
+    def forward(
+        self, s: NetFeatures, t: NetFeatures, y: torch.Tensor, epoch: float
+    ) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """Weighted loss terms, named ``<method>`` or ``<method>_<part>``; ``epoch`` is fractional."""
+        raise NotImplementedError

@@ -1,0 +1,400 @@
+"""Stage 1 of DFA: differentiable group-wise search of the feature aggregation with the bridge loss.
+
+Architecture parameters ``beta_i`` (one vector per matched teacher group, ``alpha_i = softmax(beta_i)``)
+are kept apart from the weights (student + connectors). Each step alternates, first order, DARTS-style:
+
+1. **weight step** on a batch of the weight half of the training set: minimize
+   ``CE(student) + sum_i L_bridge_i`` over student and connectors, alphas held fixed;
+2. **beta step** on a batch of the beta half: minimize ``sum_{i active} L_bridge_i + R(beta)`` over the
+   active groups' betas only (BatchNorm statistics are left untouched by this step).
+
+The bridge loss of group i (METHOD.md section 2), with ``A_i = sum_j alpha_ij T_i^j``::
+
+    L_TS = CE(student.forward_from(i, F_t(A_i)), y)     # teacher -> student path: favors deep layers
+    L_ST = mean((F_s(S_i) - A_i)^2)                     # student -> teacher path: favors shallow layers
+    L_bridge = gamma_ts * L_TS + gamma_st * L_ST
+
+``groupwise`` (default) searches one group per phase, in order; a searched group keeps its derived
+weights (``derive.*``) while later groups are searched, and groups not yet searched use the ``last``
+layer. ``joint`` searches every group in a single phase.
+
+Results in the run folder: ``search.json`` (final beta/alpha per group), ``alpha_trajectory.csv``,
+``alphas.png`` (heatmap) and ``alpha_trajectory.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfakd import data, models
+from dfakd.methods import aggregation as agg_mod
+from dfakd.methods.base import GroupPair, match_groups
+from dfakd.methods.ofd import connector
+from dfakd.models import FeatureNet, NetFeatures
+from dfakd.training import checkpoint as ckpt
+from dfakd.training.loop import rng_state, set_rng_state
+from dfakd.training.runtime import Progress, autocast, log
+
+CHECKPOINT = "search_checkpoint.pt"
+RESULT = "search.json"
+
+
+class BridgeSearch(nn.Module):
+    """Architecture parameters (``betas``) and the two connectors per matched group."""
+
+    def __init__(self, pairs: list[GroupPair]) -> None:
+        super().__init__()
+        self.pairs = pairs
+        self.betas = nn.ParameterList(nn.Parameter(torch.zeros(len(p.teacher.names))) for p in pairs)
+        # teacher -> student: 1x1 conv from teacher to student channels, fed into the student
+        self.ts = nn.ModuleList(
+            nn.Conv2d(p.teacher.channels, p.student.channels, kernel_size=1, bias=False) for p in pairs
+        )
+        # student -> teacher: 1x1 conv + BN from student to teacher channels
+        self.st = nn.ModuleList(connector(p.student.channels, p.teacher.channels) for p in pairs)
+        for i, p in enumerate(pairs):
+            self.register_buffer(
+                f"fixed_{i}", torch.tensor(agg_mod.fixed_weights(len(p.teacher.names), "last"))
+            )
+        self.active: list[int] = list(range(len(pairs)))
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [*self.ts.parameters(), *self.st.parameters()]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.betas)
+
+    def alpha(self, i: int) -> torch.Tensor:
+        return F.softmax(self.betas[i], dim=0) if i in self.active else getattr(self, f"fixed_{i}")
+
+    def fix(self, i: int, weights: list[float]) -> None:
+        getattr(self, f"fixed_{i}").copy_(torch.tensor(weights))
+
+    def bridge(
+        self,
+        student: FeatureNet,
+        s: NetFeatures,
+        t: NetFeatures,
+        y: torch.Tensor,
+        groups: list[int],
+        detach_alpha: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """``ts_i`` and ``st_i`` loss terms (unweighted) for each group in ``groups``."""
+        terms = {}
+        for i in groups:
+            p = self.pairs[i]
+            alpha = self.alpha(i).detach() if detach_alpha else self.alpha(i)
+            cands = t.candidates[p.teacher.index]
+            a = sum(alpha[j] * cands[j] for j in range(len(cands)))
+            logits = student.forward_from(p.student.index, self.ts[i](a))
+            terms[f"ts_{i}"] = F.cross_entropy(logits.float(), y)
+            terms[f"st_{i}"] = F.mse_loss(self.st[i](s.candidates[p.student.index][-1]).float(), a.float())
+        return terms
+
+    def regularizer(self, kind: str, groups: list[int]) -> torch.Tensor:
+        if kind == "entropy":
+            return sum(-(self.alpha(i) * torch.log(self.alpha(i) + 1e-12)).sum() for i in groups)
+        if kind == "l2":
+            return sum(self.betas[i].pow(2).sum() for i in groups)
+        return torch.zeros(())
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(*modules: nn.Module):
+    """Run forwards in train mode (batch statistics) without updating BN running statistics."""
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, (momentum, tracked) in zip(bns, saved, strict=True):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+
+
+def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def phases(schedule: str, n_groups: int) -> list[list[int]]:
+    return [[i] for i in range(n_groups)] if schedule == "groupwise" else [list(range(n_groups))]
+
+
+def weighted_bridge(terms: dict[str, torch.Tensor], scfg: dict[str, Any]) -> torch.Tensor:
+    total = torch.zeros((), device=next(iter(terms.values())).device)
+    for name, value in terms.items():
+        total = total + (scfg["gamma_ts"] if name.startswith("ts_") else scfg["gamma_st"]) * value
+    return total
+
+
+def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """``dfakd search``: run stage 1 and write ``search.json`` and its plots."""
+    from dfakd.plots import alpha_heatmap, alpha_trajectory_plot
+    from dfakd.training.jobs import load_teacher, open_job, train_stream
+
+    run_dir = Path(run_dir)
+    if (run_dir / RESULT).is_file():
+        log(f"{run_dir / RESULT} exists; nothing to do")
+        return json.loads((run_dir / RESULT).read_text())
+    scfg = cfg["search"]
+    student_arch = cfg["model"]["arch"]
+    n_classes = data.num_classes(cfg["dataset"])
+    teacher, teacher_arch = load_teacher(cfg, n_classes)
+    job = open_job(
+        cfg,
+        run_dir,
+        "search",
+        f"search-{teacher_arch}-{student_arch}-s{cfg['seed']}",
+        {
+            "teacher": teacher_arch,
+            "student": student_arch,
+            "pair": f"{teacher_arch}-{student_arch}",
+            "method": "dfa",
+        },
+    )
+    device = job.device
+    try:
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg["seed"])
+        student = models.build(student_arch, n_classes).to(device)
+        pairs = match_groups(teacher, student)
+        skipped = [
+            g.spatial for g in teacher.describe_groups() if g.spatial not in {p.spatial for p in pairs}
+        ]
+        log(
+            f"searching groups at {[p.spatial for p in pairs]} px"
+            + (
+                f"; teacher groups at {skipped} px have no student counterpart and are left out"
+                if skipped
+                else ""
+            )
+        )
+        bridge = BridgeSearch(pairs).to(device)
+
+        full = data.load_split(cfg["dataset"], "train")
+        w_idx, b_idx = data.stratified_halves(full.labels, cfg["seed"])
+        search_cfg = {**cfg, "recipe": {**cfg["recipe"], "batch_size": scfg["batch_size"]}}
+        w_stream = train_stream(search_cfg, device, full.subset(w_idx))
+        b_stream = train_stream(search_cfg, device, full.subset(b_idx))
+        b_stream.stream_id = 1
+
+        w_opt = torch.optim.SGD(
+            [*student.parameters(), *bridge.weight_parameters()],
+            lr=scfg["w_lr"],
+            momentum=scfg["w_momentum"],
+            weight_decay=scfg["w_weight_decay"],
+        )
+        beta_opt = torch.optim.Adam(
+            bridge.arch_parameters(),
+            lr=scfg["beta_lr"],
+            betas=tuple(scfg["beta_betas"]),
+            weight_decay=scfg["beta_weight_decay"],
+        )
+        plan = phases(scfg["schedule"], len(pairs))
+        epochs_total = len(plan) * scfg["epochs"]
+        steps_per_epoch = len(w_stream)
+        total_steps = epochs_total * steps_per_epoch
+        trajectory: list[list[float]] = []  # [step, phase, group, alpha_0, alpha_1, ...]
+        history: list[dict[str, float]] = []
+        start_epoch = 0
+        state_path = run_dir / CHECKPOINT
+        if state_path.is_file():
+            state = ckpt.load(state_path, map_location=device)
+            student.load_state_dict(state["student"])
+            bridge.load_state_dict(state["bridge"])
+            w_opt.load_state_dict(state["w_opt"])
+            beta_opt.load_state_dict(state["beta_opt"])
+            start_epoch, trajectory, history = state["epoch"], state["trajectory"], state["history"]
+            set_rng_state(state["rng"])
+            log(f"resuming search after epoch {start_epoch}/{epochs_total}")
+
+        precision = cfg["runtime"]["precision"]
+        for global_epoch in range(start_epoch, epochs_total):
+            phase = global_epoch // scfg["epochs"]
+            groups = plan[phase]
+            bridge.active = groups
+            w_stream.set_epoch(global_epoch)
+            b_stream.set_epoch(global_epoch)
+            student.train()
+            bridge.train()
+            progress = Progress(
+                steps_per_epoch,
+                f"search epoch {global_epoch + 1}/{epochs_total} (groups {groups})",
+                cfg["runtime"]["log_every"],
+            )
+            sums: dict[str, float] = {}
+            t0 = time.perf_counter()
+            for step, ((x, y), (xv, yv)) in enumerate(zip(w_stream, itertools.cycle(b_stream))):
+                global_step = global_epoch * steps_per_epoch + step
+                for group in w_opt.param_groups:
+                    group["lr"] = cosine_lr(global_step, total_steps, scfg["w_lr"], scfg["w_lr_min"])
+
+                # weight step: student + connectors, alphas fixed
+                with autocast(device, precision):
+                    with torch.no_grad():
+                        t = teacher.forward_features(x)
+                    s = student.forward_features(x)
+                    terms = bridge.bridge(student, s, t, y, list(range(len(pairs))), detach_alpha=True)
+                    ce = F.cross_entropy(s.logits.float(), y)
+                    w_loss = ce + weighted_bridge(terms, scfg)
+                if not torch.isfinite(w_loss):
+                    raise_nonfinite(w_loss, global_epoch, step, state_path)
+                w_opt.zero_grad(set_to_none=True)
+                w_loss.backward()
+                w_opt.step()
+
+                # beta step: the active groups' betas only, on the other half
+                with frozen_batchnorm_stats(student, bridge), autocast(device, precision):
+                    with torch.no_grad():
+                        tv = teacher.forward_features(xv)
+                        sv = student.forward_features(xv)
+                    b_terms = bridge.bridge(student, sv, tv, yv, groups)
+                    b_loss = weighted_bridge(b_terms, scfg)
+                    if scfg["regularizer"] != "none":
+                        b_loss = b_loss + scfg["regularizer_weight"] * bridge.regularizer(
+                            scfg["regularizer"], groups
+                        )
+                active = [bridge.betas[i] for i in groups]
+                grads = torch.autograd.grad(b_loss, active)
+                beta_opt.zero_grad(set_to_none=True)
+                for beta, grad in zip(active, grads, strict=True):
+                    beta.grad = grad
+                beta_opt.step()
+
+                for name, value in {"ce": ce, "w_loss": w_loss, "beta_loss": b_loss, **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                if global_step % scfg["record_every"] == 0 or step + 1 == steps_per_epoch:
+                    with torch.no_grad():
+                        for i in groups:
+                            trajectory.append([global_step + 1, phase, i, *bridge.alpha(i).tolist()])
+                if progress.tty or (step + 1) % progress.every == 0 or step + 1 == steps_per_epoch:
+                    progress.update(step, f"w {w_loss.item():.3f} beta {b_loss.item():.3f}")
+
+            last_epoch_of_phase = (global_epoch + 1) % scfg["epochs"] == 0
+            if scfg["schedule"] == "groupwise" and last_epoch_of_phase:
+                for i in groups:
+                    weights = agg_mod.derive_weights(
+                        bridge.alpha(i).tolist(),
+                        _searched_mode(cfg),
+                        cfg["derive"]["tau"],
+                        cfg["derive"]["k"],
+                    )
+                    bridge.fix(i, weights)
+                    log(f"group {pairs[i].spatial}px: alpha {fmt(bridge.alpha(i))} -> fixed {weights}")
+            row = {
+                "epoch": global_epoch + 1,
+                **{k: v / steps_per_epoch for k, v in sums.items()},
+                "epoch_time_s": time.perf_counter() - t0,
+            }
+            history.append(row)
+            metrics = {k: v for k, v in row.items() if k != "epoch"}
+            with torch.no_grad():
+                for i, p in enumerate(pairs):
+                    for name, a in zip(p.teacher.names, F.softmax(bridge.betas[i], 0).tolist(), strict=True):
+                        metrics[f"alpha.g{p.spatial}.{name}"] = a
+            job.tracker.log_metrics(metrics, step=global_epoch + 1)
+            ckpt.atomic_save(
+                {
+                    "student": student.state_dict(),
+                    "bridge": bridge.state_dict(),
+                    "w_opt": w_opt.state_dict(),
+                    "beta_opt": beta_opt.state_dict(),
+                    "epoch": global_epoch + 1,
+                    "trajectory": trajectory,
+                    "history": history,
+                    "rng": rng_state(),
+                },
+                state_path,
+            )
+            log(
+                f"search epoch {global_epoch + 1}/{epochs_total}: w-loss {row['w_loss']:.4f}, "
+                f"bridge (beta half) {row['beta_loss']:.4f}, {row['epoch_time_s']:.1f}s"
+            )
+
+        with torch.no_grad():
+            result = {
+                "teacher": teacher_arch,
+                "student": student_arch,
+                "dataset": cfg["dataset"]["name"],
+                "seed": cfg["seed"],
+                "schedule": scfg["schedule"],
+                "steps": total_steps,
+                "skipped_teacher_groups": skipped,
+                "groups": [
+                    {
+                        "spatial": p.spatial,
+                        "teacher_group": p.teacher.index,
+                        "student_group": p.student.index,
+                        "layers": list(p.teacher.names),
+                        "beta": bridge.betas[i].tolist(),
+                        "alpha": F.softmax(bridge.betas[i], 0).tolist(),
+                    }
+                    for i, p in enumerate(pairs)
+                ],
+            }
+        write_trajectory(run_dir / "alpha_trajectory.csv", trajectory, pairs)
+        alpha_heatmap(result, run_dir / "alphas.png")
+        alpha_trajectory_plot(run_dir / "alpha_trajectory.csv", run_dir / "alpha_trajectory.png")
+        ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+        job.tracker.log_artifacts(
+            [
+                run_dir / n
+                for n in ("config.yaml", RESULT, "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png")
+            ]
+        )
+        job.tracker.finish()
+    except BaseException:
+        job.tracker.finish("FAILED")
+        raise
+    for g in result["groups"]:
+        log(
+            f"group {g['spatial']}px: "
+            + ", ".join(f"{n}={a:.3f}" for n, a in zip(g["layers"], g["alpha"], strict=True))
+        )
+    return result
+
+
+def _searched_mode(cfg: dict[str, Any]) -> str:
+    """The derivation used to fix a searched group during a groupwise search (a fixed mode means prune)."""
+    mode = cfg["derive"]["mode"]
+    return mode if mode in agg_mod.SEARCHED_MODES else "prune"
+
+
+def fmt(alpha: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{a:.3f}" for a in alpha.tolist()) + "]"
+
+
+def raise_nonfinite(loss: torch.Tensor, epoch: int, step: int, state_path: Path) -> None:
+    from dfakd.errors import DfakdError
+
+    raise DfakdError(
+        f"non-finite search loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; the last good "
+        f"checkpoint is kept in {state_path}"
+    )
+
+
+def write_trajectory(path: Path, trajectory: list[list[float]], pairs: list[GroupPair]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "phase", "spatial", "layer", "alpha"])
+    for row in trajectory:
+        step, phase, i = int(row[0]), int(row[1]), int(row[2])
+        for name, a in zip(pairs[i].teacher.names, row[3:], strict=True):
+            writer.writerow([step, phase, pairs[i].spatial, name, f"{a:.6f}"])
+    ckpt.atomic_write_text(path, buf.getvalue())
