@@ -108,7 +108,4 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     except BaseException:
         job.tracker.finish("FAILED")
         raise
-    log(
-        f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%; {job.tracker.describe()}"
-    )
     return result

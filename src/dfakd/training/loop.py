@@ -235,3 +235,6 @@ def finish(job: Job, result: dict[str, Any], extra_artifacts: list[Path] | None 
     artifacts = [run_dir / n for n in ("config.yaml", "metrics.csv", RESULT)] + list(extra_artifacts or [])
     job.tracker.log_artifacts(artifacts)
     job.tracker.finish()
+    log(
+        f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%; {job.tracker.describe()}"
+    )
