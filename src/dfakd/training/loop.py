@@ -236,5 +236,6 @@ def finish(job: Job, result: dict[str, Any], extra_artifacts: list[Path] | None 
     job.tracker.log_artifacts(artifacts)
     job.tracker.finish()
     log(
-        f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%; {job.tracker.describe()}"
+        f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%"
+        f"; {job.tracker.describe()}"
     )
