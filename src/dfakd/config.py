@@ -222,6 +222,7 @@ def validate(cfg: dict[str, Any]) -> None:
     _one_of(cfg, "recipe.schedule", ("multistep", "cosine"))
     _require(cfg["runtime"]["eval_batch_size"] >= 1, "runtime.eval_batch_size", "must be >= 1")
     _require(cfg["runtime"]["log_every"] >= 1, "runtime.log_every", "must be >= 1")
+    _require(cfg["runtime"]["threads"] >= 0, "runtime.threads", "must be >= 0 (0 = torch's default)")
     _one_of(cfg, "runtime.precision", ("fp32", "bf16"))
     _one_of(cfg, "dataset.augment", ("auto", "crop_flip", "resized_crop_flip", "none"))
     _one_of(cfg, "dataset.pad_mode", ("constant", "reflect"))

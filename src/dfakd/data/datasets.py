@@ -78,11 +78,15 @@ def num_classes(dataset_cfg: dict[str, Any]) -> int:
     info = dataset_info(dataset_cfg["name"])
     if info.num_classes is not None:
         return info.num_classes
-    if dataset_cfg.get("num_classes"):
-        return int(dataset_cfg["num_classes"])
     train_dir = Path(dataset_cfg["root"]) / "train"
     _require_dir(train_dir, dataset_cfg["name"])
-    return sum(1 for p in train_dir.iterdir() if p.is_dir())
+    found = sum(1 for p in train_dir.iterdir() if p.is_dir())
+    configured = dataset_cfg.get("num_classes")
+    if configured is not None and configured < found:
+        raise DfakdError(
+            f"config key 'dataset.num_classes' is {configured} but {train_dir} has {found} class folders"
+        )
+    return configured or found
 
 
 def normalization(dataset_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -181,6 +181,8 @@ def fit(
         if test["top1"] > best_acc:
             best_acc, best_epoch = test["top1"], epoch + 1
             ckpt.atomic_save(weights_payload(student, job.meta, epoch + 1, best_acc), run_dir / "best.pt")
+        # metrics first: a kill between the two re-runs the epoch and logs it again at the same step
+        job.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         ckpt.atomic_save(
             {
                 "trainable": trainable.state_dict(),
@@ -194,7 +196,6 @@ def fit(
             state_path,
         )
         write_metrics_csv(run_dir / "metrics.csv", history)
-        job.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
         log(
             f"epoch {epoch + 1}/{recipe['epochs']}: train loss {row['train_loss']:.4f}, "
             f"test top-1 {test['top1']:.2f}% (best {best_acc:.2f}% @ {best_epoch}), {epoch_time:.1f}s"

@@ -1,0 +1,350 @@
+"""Datasets read from their real on-disk formats, the demo dataset, and the batched stream."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CifarFiles, FolderFiles
+from PIL import Image
+
+from dfakd import data
+from dfakd.data.stream import BatchStream, crop_flip, epoch_generator, resized_crop_flip
+from dfakd.errors import DfakdError
+
+# ----------------------------------------------------------------------------------------------- CIFAR
+
+
+def _chw(rows: np.ndarray) -> torch.Tensor:
+    """Official CIFAR rows (N, 3072) -> (N, 3, 32, 32): 1024 red values, then green, then blue."""
+    return torch.from_numpy(rows.reshape(-1, 3, 32, 32).copy())
+
+
+def test_cifar100_loads_through_torchvision(cifar100: CifarFiles):
+    cfg = {"name": "cifar100", "root": str(cifar100.root)}
+    train = data.load_split(cfg, "train")
+    test = data.load_split(cfg, "test")
+
+    assert train.images.dtype == torch.uint8 and train.images.shape == (20, 3, 32, 32)
+    assert test.images.shape == (10, 3, 32, 32)
+    assert train.labels.dtype == torch.int64
+    assert train.labels.tolist() == cifar100.train_labels  # fine labels, not coarse
+    assert test.labels.tolist() == cifar100.test_labels
+    assert torch.equal(train.images, _chw(cifar100.train_data))
+    assert torch.equal(test.images, _chw(cifar100.test_data))
+    # pixel (row 0, col 1) of image 3 in each channel, straight from the row-major CHW layout
+    row = cifar100.train_data[3]
+    assert train.images[3, :, 0, 1].tolist() == [row[1], row[1024 + 1], row[2048 + 1]]
+    assert train.classes == cifar100.classes
+    assert data.num_classes(cfg) == 100
+
+
+def test_cifar10_loads_all_five_batches(cifar10: CifarFiles):
+    cfg = {"name": "cifar10", "root": str(cifar10.root)}
+    train = data.load_split(cfg, "train")
+    test = data.load_split(cfg, "test")
+    assert train.images.shape == (20, 3, 32, 32)
+    assert torch.equal(train.images, _chw(cifar10.train_data))
+    assert train.labels.tolist() == cifar10.train_labels
+    assert torch.equal(test.images, _chw(cifar10.test_data))
+    assert test.labels.tolist() == cifar10.test_labels
+    assert train.classes == cifar10.classes
+
+
+def test_cifar_integrity_check_is_live(cifar100: CifarFiles):
+    """The md5 check still runs on the fixture: one changed byte makes the files 'corrupted'."""
+    path = cifar100.folder / "test"
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DfakdError, match="not found or corrupted") as err:
+        data.load_split({"name": "cifar100", "root": str(cifar100.root)}, "train")
+    assert str(cifar100.folder) in str(err.value)
+
+
+def test_cifar_official_checksums_refuse_synthetic_files(cifar100_unpatched: CifarFiles):
+    with pytest.raises(DfakdError, match="cifar100 not found or corrupted") as err:
+        data.load_split({"name": "cifar100", "root": str(cifar100_unpatched.root)}, "test")
+    assert str(cifar100_unpatched.folder) in str(err.value)
+
+
+CIFAR_FOLDERS = [("cifar100", "cifar-100-python"), ("cifar10", "cifar-10-batches-py")]
+
+
+@pytest.mark.parametrize(("name", "folder"), CIFAR_FOLDERS)
+def test_missing_cifar_names_expected_path(tmp_path: Path, name: str, folder: str):
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": name, "root": str(tmp_path / "nowhere")}, "train")
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / folder) in message
+    assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ ImageFolder
+
+
+def test_imagefolder_loads(imagefolder: FolderFiles):
+    cfg = {"name": "imagefolder", "root": str(imagefolder.root)}
+    for split, n in (("train", 8), ("test", 4)):
+        loaded = data.load_split(cfg, split)
+        expected = imagefolder.images[split]
+        assert loaded.classes == imagefolder.classes
+        assert loaded.images.shape == (3 * n, 3, 32, 32) and loaded.images.dtype == torch.uint8
+        assert loaded.labels.tolist() == [label for _, label, _ in expected]
+        want = torch.from_numpy(np.stack([arr for _, _, arr in expected])).permute(0, 3, 1, 2)
+        assert torch.equal(loaded.images, want)
+    assert data.num_classes(cfg) == 3
+
+
+def test_imagefolder_missing_split_names_path(imagefolder: FolderFiles):
+    cfg = {"name": "imagefolder", "root": str(imagefolder.root)}
+    with pytest.raises(DfakdError) as err:
+        data.load_split(cfg, "valid")
+    assert str(imagefolder.root / "valid") in str(err.value)
+    with pytest.raises(DfakdError, match="missing directory"):
+        data.load_split({"name": "imagefolder", "root": str(imagefolder.root / "nope")}, "train")
+
+
+def test_imagefolder_without_images_is_clear(tmp_path: Path):
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DfakdError, match="train"):
+        data.load_split({"name": "imagefolder", "root": str(tmp_path / "empty")}, "train")
+
+
+def test_imagefolder_odd_size_image_is_clear(imagefolder: FolderFiles):
+    odd = imagefolder.root / "train" / imagefolder.classes[1] / "zzz_big.png"
+    Image.fromarray(np.zeros((40, 36, 3), dtype=np.uint8), mode="RGB").save(odd)
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": "imagefolder", "root": str(imagefolder.root)}, "train")
+    message = str(err.value)
+    assert str(odd) in message and "36x40" in message and "32x32" in message
+
+
+def test_imagefolder_unreadable_image_is_clear(imagefolder: FolderFiles):
+    bad = imagefolder.root / "test" / imagefolder.classes[0] / "zzz_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": "imagefolder", "root": str(imagefolder.root)}, "test")
+    assert str(bad) in str(err.value)
+
+
+def test_imagefolder_grayscale_png_becomes_rgb(tmp_path: Path):
+    folder = tmp_path / "g" / "train" / "x"
+    folder.mkdir(parents=True)
+    arr = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(folder / "0.png")
+    split = data.load_split({"name": "imagefolder", "root": str(tmp_path / "g")}, "train")
+    assert split.images.shape == (1, 3, 32, 32)
+    for c in range(3):
+        assert torch.equal(split.images[0, c], torch.from_numpy(arr.astype(np.uint8)))
+
+
+def test_unknown_dataset_names_key():
+    with pytest.raises(DfakdError, match="dataset.name"):
+        data.load_split({"name": "imagenet", "root": "x"}, "train")
+
+
+# ---------------------------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_layout(mnist5k_root: Path):
+    for split, per_class in (("train", 400), ("test", 100)):
+        folders = sorted(p for p in (mnist5k_root / split).iterdir())
+        assert [p.name for p in folders] == [str(d) for d in range(10)]
+        for folder in folders:
+            assert len(list(folder.glob("*.png"))) == per_class, folder
+    train_names = {p.name for p in (mnist5k_root / "train").rglob("*.png")}
+    test_names = {p.name for p in (mnist5k_root / "test").rglob("*.png")}
+    assert len(train_names) == 4000 and len(test_names) == 1000 and not train_names & test_names
+    with Image.open(next((mnist5k_root / "test" / "7").glob("*.png"))) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
+        arr = np.asarray(img)
+    assert (arr[:2] == 0).all() and (arr[:, -2:] == 0).all()  # the 2-pixel padding
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    assert arr.max() > 100  # a digit, not a blank
+
+
+def test_mnist5k_loads_via_load_split(mnist5k_root: Path):
+    cfg = {"name": "mnist5k", "root": str(mnist5k_root)}
+    test = data.load_split(cfg, "test")
+    assert test.images.shape == (1000, 3, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    assert data.num_classes(cfg) == 10
+
+
+def test_mnist5k_is_idempotent(mnist5k_root: Path):
+    from dfakd.data.demo import write_mnist5k
+
+    png = next((mnist5k_root / "train" / "3").glob("*.png"))
+    before = png.stat().st_mtime_ns
+    snapshot = sorted(p.relative_to(mnist5k_root) for p in mnist5k_root.rglob("*"))
+    assert write_mnist5k(mnist5k_root) == mnist5k_root
+    assert png.stat().st_mtime_ns == before  # not rewritten
+    assert sorted(p.relative_to(mnist5k_root) for p in mnist5k_root.rglob("*")) == snapshot
+    # no staging folders left beside it
+    assert [p.name for p in mnist5k_root.parent.iterdir()] == [mnist5k_root.name]
+
+
+def test_missing_mnist5k_hints_prepare_data(tmp_path: Path):
+    with pytest.raises(DfakdError, match="prepare-data mnist5k"):
+        data.load_split({"name": "mnist5k", "root": str(tmp_path / "m")}, "train")
+
+
+# -------------------------------------------------------------------------------------------- streams
+
+
+def _split(n: int, n_classes: int = 4, seed: int = 0) -> data.ImageSplit:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    return data.ImageSplit(images, torch.arange(n) % n_classes, [str(i) for i in range(n_classes)])
+
+
+def _stream(split: data.ImageSplit, train: bool, batch_size: int = 8, seed: int = 0, **kw) -> BatchStream:
+    cpu = torch.device("cpu")
+    return BatchStream(split, batch_size, cpu, (0.5,) * 3, (0.25,) * 3, train=train, seed=seed, **kw)
+
+
+def _epoch(stream: BatchStream, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    stream.set_epoch(epoch)
+    return list(stream)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "resized_crop_flip", "none"])
+def test_stream_deterministic_per_seed_and_epoch(augment: str):
+    split = _split(36)
+    a = _epoch(_stream(split, True, augment=augment, seed=3), 2)
+    b = _epoch(_stream(split, True, augment=augment, seed=3), 2)
+    assert len(a) == len(b) == 4
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other_epoch = _epoch(_stream(split, True, augment=augment, seed=3), 3)
+    other_seed = _epoch(_stream(split, True, augment=augment, seed=4), 2)
+    for other in (other_epoch, other_seed):
+        assert not all(torch.equal(ya, yo) for (_, ya), (_, yo) in zip(a, other, strict=True))
+
+
+def test_stream_train_drops_last_incomplete_batch():
+    split = _split(37)
+    stream = _stream(split, True, batch_size=8, augment="none")
+    batches = _epoch(stream, 0)
+    assert len(stream) == 4 and len(batches) == 4
+    assert all(x.shape == (8, 3, 8, 8) and y.shape == (8,) and y.dtype == torch.int64 for x, y in batches)
+    # 32 distinct samples (no repeats), identified by their pixels
+    xs = torch.cat([x for x, _ in batches])
+    assert len({tuple(x.flatten().tolist()) for x in xs}) == 32
+
+
+def test_stream_train_is_shuffled_permutation():
+    split = _split(32)
+    xs, ys = zip(*_epoch(_stream(split, True, augment="none"), 0), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    raw = split.images.float().sub(127.5).div(63.75)
+    # every batch row is one of the source images, each used once, not in the original order
+    match = [int(torch.nonzero((raw == row).flatten(1).all(1)).item()) for row in x]
+    assert sorted(match) == list(range(32)) and match != list(range(32))
+    assert torch.equal(y, split.labels[match])
+
+
+def test_stream_test_keeps_all_samples_in_order():
+    split = _split(37)
+    stream = _stream(split, False, batch_size=8, augment="crop_flip")  # augmentation ignored when testing
+    xs, ys = zip(*_epoch(stream, 5), strict=True)
+    assert len(stream) == 5 and [len(y) for y in ys] == [8, 8, 8, 8, 5]
+    assert torch.equal(torch.cat(ys), split.labels)
+    expected = (split.images.float() - 0.5 * 255) / (0.25 * 255)
+    assert torch.allclose(torch.cat(xs), expected)
+
+
+def test_stream_smaller_than_batch():
+    split = _split(5)
+    assert len(_stream(split, False, batch_size=8)) == 1
+
+
+def test_stream_channels_last():
+    x, _ = next(iter(_stream(_split(8), False, channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def _reference_crop_flip(img: torch.Tensor, pad: int, oy: int, ox: int, flip: bool, mode: str):
+    """One image by hand: pad, slice, optionally mirror."""
+    _, h, w = img.shape
+    if mode == "constant":
+        padded = torch.zeros(img.shape[0], h + 2 * pad, w + 2 * pad, dtype=img.dtype)
+        padded[:, pad : pad + h, pad : pad + w] = img
+    else:
+        padded = F.pad(img[None].float(), (pad,) * 4, mode="reflect")[0].to(img.dtype)
+    crop = padded[:, oy : oy + h, ox : ox + w]
+    return crop.flip(2) if flip else crop
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_crop_flip_matches_reference(mode: str):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (24, 3, 10, 12), dtype=torch.uint8, generator=gen)
+    out = crop_flip(images, epoch_generator(5, 1), pad=4, pad_mode=mode)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+
+    # same offsets: crop_flip draws oy, ox (each in [0, 2*pad]) and then the flip coin from its generator
+    replay = epoch_generator(5, 1)
+    oy = torch.randint(0, 9, (24,), generator=replay)
+    ox = torch.randint(0, 9, (24,), generator=replay)
+    flip = torch.rand(24, generator=replay) < 0.5
+    for i in range(24):
+        ref = _reference_crop_flip(images[i], 4, int(oy[i]), int(ox[i]), bool(flip[i]), mode)
+        assert torch.equal(out[i], ref), i
+    assert 0 < int(flip.sum()) < 24 and len(set(oy.tolist())) > 1  # both branches exercised
+
+    # independent of the draw order: every output is *some* pad-crop-flip of its input
+    for i in range(24):
+        assert any(
+            torch.equal(out[i], _reference_crop_flip(images[i], 4, y, x, f, mode))
+            for y, x, f in itertools.product(range(9), range(9), (False, True))
+        )
+
+
+def test_crop_flip_without_pad_is_identity_or_mirror():
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (32, 3, 6, 6), dtype=torch.uint8, generator=gen)
+    out = crop_flip(images, torch.Generator().manual_seed(2), pad=0)
+    kinds = []
+    for a, b in zip(images, out, strict=True):
+        assert torch.equal(b, a) or torch.equal(b, a.flip(2))
+        kinds.append(torch.equal(b, a))
+    assert any(kinds) and not all(kinds)
+
+
+def test_resized_crop_flip_keeps_dtype_and_shape():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    out = resized_crop_flip(images, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert not torch.equal(out, images)
+    again = resized_crop_flip(images, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    # a constant image stays constant whatever the crop
+    flat = torch.full((4, 3, 32, 32), 77, dtype=torch.uint8)
+    assert torch.equal(resized_crop_flip(flat, torch.Generator().manual_seed(3)), flat)
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def test_stratified_halves():
+    labels = torch.tensor([c for c in range(5) for _ in range(2 * (c + 1))])  # 2, 4, ..., 10 per class
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    a, b = data.stratified_halves(labels, seed=7)
+    assert not set(a.tolist()) & set(b.tolist())
+    assert sorted(a.tolist() + b.tolist()) == list(range(len(labels)))
+    assert torch.equal(torch.bincount(labels[a], minlength=5), torch.bincount(labels[b], minlength=5))
+    assert torch.bincount(labels[a]).tolist() == [1, 2, 3, 4, 5]
+    a2, b2 = data.stratified_halves(labels, seed=7)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    a3, _ = data.stratified_halves(labels, seed=8)
+    assert not torch.equal(a, a3)
