@@ -33,12 +33,21 @@ def dfakd(*args: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="results/demo-experiment")
     args = parser.parse_args()
     out = Path(args.out)
-    common = ["-c", CONFIG, "--set", f"results_dir={out}", "--set", "tracking.experiment=dfakd-demo-experiment"]
+    common = [
+        "-c",
+        CONFIG,
+        "--set",
+        f"results_dir={out}",
+        "--set",
+        "tracking.experiment=dfakd-demo-experiment",
+    ]
 
     dfakd("prepare-data", "mnist5k", "--root", "data/mnist5k")
     teacher = out / "teacher"
@@ -54,7 +63,9 @@ def main() -> None:
             extra = []
             if mode is not None:
                 agg = out / f"aggregation-{mode}-s{seed}.yaml"
-                dfakd("derive", *seeded, "--mode", mode, "--search", str(search / "search.json"), "-o", str(agg))
+                dfakd(
+                    "derive", *seeded, "--mode", mode, "--search", str(search / "search.json"), "-o", str(agg)
+                )
                 extra = ["--aggregation", str(agg)]
             dfakd("distill", *seeded, "--method", method, *extra, "-o", str(run))
             results[label].append(json.loads((run / "result.json").read_text()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dfakd import __version__
 from dfakd.errors import DfakdError
@@ -20,6 +21,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="job config file(s), merged in order over the defaults (repeatable)",
     )
     p.add_argument(
+        "--config-json",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a job config as a JSON object, merged after the YAML files (used by the workflow)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -27,12 +35,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         dest="overrides",
         help="override one key, e.g. --set recipe.epochs=5 (value parsed as YAML; repeatable)",
     )
+    p.add_argument(
+        "--parent-run-file",
+        metavar="JSON",
+        help="nest the MLflow run under the run in this file (from `dfakd tracking-init`), if it exists",
+    )
 
 
 def _load_cfg(args: argparse.Namespace) -> dict:
     from dfakd import config
 
-    return config.load(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.parent_run_file and Path(args.parent_run_file).is_file():
+        run_id = json.loads(Path(args.parent_run_file).read_text())["run_id"]
+        overrides.append(f"tracking.parent_run_id={run_id}")
+    return config.load(args.config, overrides, json_configs=args.config_json)
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
@@ -115,6 +132,57 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_map(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        key, _, path = item.partition("=")
+        if not path:
+            raise DfakdError(f"--teacher expects DATASET/TEACHER=RESULT_JSON, got {item!r}")
+        out[key] = Path(path)
+    return out
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from dfakd import summary
+
+    published = json.loads(args.published_json) if args.published_json else {}
+    rows = summary.summarize(
+        [Path(p) for p in args.students],
+        _teacher_map(args.teacher),
+        published,
+        Path(args.csv),
+        Path(args.md),
+        args.title,
+    )
+    print(f"wrote {args.csv} and {args.md} ({len(rows)} rows)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dfakd import summary
+
+    rows = summary.collect([Path(p) for p in args.students], _teacher_map(args.teacher))
+    summary.plot_accuracy(rows, Path(args.accuracy))
+    summary.plot_learning_curves([Path(p) for p in args.students], Path(args.curves))
+    print(f"wrote {args.accuracy} and {args.curves}")
+    return 0
+
+
+def cmd_tracking_init(args: argparse.Namespace) -> int:
+    from dfakd import tracking
+
+    info = tracking.start_pipeline_run(args.uri, args.experiment, args.results_dir, args.run_file, args.name)
+    print(f"MLflow parent run {info['run_id']} in {info['uri']} (experiment {args.experiment})")
+    return 0
+
+
+def cmd_tracking_finish(args: argparse.Namespace) -> int:
+    from dfakd import tracking
+
+    tracking.finish_pipeline_run(args.run_file, args.status)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from dfakd import models
 
@@ -186,6 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (teacher.checkpoint)")
     p.add_argument("-o", "--out", required=True, help="run folder (resumes from its checkpoint.pt)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("summarize", help="summary.csv / summary.md over students' result.json files")
+    p.add_argument(
+        "students", nargs="+", help=".../students/<dataset>/<teacher>/<student>/<method>/s<seed>/result.json"
+    )
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="DATASET/TEACHER=JSON",
+        help="teacher result.json (trained) or evaluation JSON (imported)",
+    )
+    p.add_argument("--published-json", help="published reference numbers per 'dataset/teacher/student'")
+    p.add_argument("--title", default="dfakd summary")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("plot", help="accuracy per pair and method, and learning curves")
+    p.add_argument("students", nargs="+", help="students' result.json files (metrics.csv beside them)")
+    p.add_argument("--teacher", action="append", default=[], metavar="DATASET/TEACHER=JSON")
+    p.add_argument("--accuracy", required=True, help="PNG: accuracy per pair and method")
+    p.add_argument("--curves", required=True, help="PNG: learning curves")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("tracking-init", help="create the MLflow store/experiment and a pipeline parent run")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--results-dir", required=True, help="where a default SQLite store lives")
+    p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in --results-dir)")
+    p.add_argument("--run-file", required=True, help="JSON file receiving the parent run id")
+    p.add_argument("--name", default="pipeline", help="parent run name")
+    p.set_defaults(func=cmd_tracking_init)
+
+    p = sub.add_parser("tracking-finish", help="close the pipeline parent run")
+    p.add_argument("--run-file", required=True)
+    p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    p.set_defaults(func=cmd_tracking_finish)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--groups", action="store_true", help="also show layer groups and candidate names")

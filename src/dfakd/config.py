@@ -183,11 +183,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load(paths: list[str | Path] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults <- each YAML file in order <- each ``--set`` override; then validated."""
+def load(
+    paths: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    json_configs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Defaults <- each YAML file in order <- each JSON document <- each ``--set`` override; validated."""
+    import json
+
     cfg = copy.deepcopy(DEFAULTS)
     for path in paths or []:
         cfg = merge(cfg, read_yaml(path))
+    for text in json_configs or []:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DfakdError(f"--config-json is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise DfakdError("--config-json must be a JSON object")
+        cfg = merge(cfg, doc)
     for text in overrides or []:
         cfg = merge(cfg, parse_override(text))
     validate(cfg)

@@ -21,12 +21,15 @@ RUN_FILE = "mlflow_run.json"
 _MAX_PARAM_LEN = 6000
 
 
-def tracking_uri(cfg: dict[str, Any]) -> str:
-    uri = cfg["tracking"]["uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+def resolve_uri(uri: str | None, results_dir: str | Path) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    db = Path(cfg["results_dir"]).resolve() / "mlflow.db"
-    return f"sqlite:///{db}"
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: dict[str, Any]) -> str:
+    return resolve_uri(cfg["tracking"]["uri"], cfg["results_dir"])
 
 
 def _quiet_mlflow_logs() -> None:
@@ -127,3 +130,28 @@ class Tracker:
         if not self.enabled:
             return "tracking disabled"
         return f"MLflow run {self.run_id} in {self.uri}"
+
+
+def start_pipeline_run(
+    uri: str | None, experiment: str, results_dir: str | Path, run_file: str | Path, name: str
+) -> dict[str, str]:
+    """Create the store and experiment (once, before parallel jobs start) and a parent run for one
+    pipeline invocation; its id goes to ``run_file`` for the jobs to nest under."""
+    from mlflow.tracking import MlflowClient
+
+    from dfakd.training.checkpoint import atomic_write_text
+
+    uri = resolve_uri(uri, results_dir)
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    exp_id = ensure_experiment(uri, experiment, results_dir)
+    run = MlflowClient(tracking_uri=uri).create_run(exp_id, run_name=name, tags={"stage": "pipeline"})
+    info = {"uri": uri, "run_id": run.info.run_id, "experiment_id": exp_id}
+    atomic_write_text(run_file, json.dumps(info) + "\n")
+    return info
+
+
+def finish_pipeline_run(run_file: str | Path, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads(Path(run_file).read_text())
+    MlflowClient(tracking_uri=info["uri"]).set_terminated(info["run_id"], status=status)

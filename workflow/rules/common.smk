@@ -1,0 +1,341 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dfakd import config as job_config_mod
+from dfakd import models as zoo
+from dfakd.errors import DfakdError
+from dfakd.methods import parse_method
+
+SEARCHED_MODES = ("prune", "argmax", "topk", "full")
+FIXED_MODES = ("last", "average", "random")
+
+EXP = config["experiment"]
+OUT = f"{config.get('results_dir', 'results')}/{EXP}"
+PARENT_RUN_FILE = f"{OUT}/mlflow_parent_run.json"
+SEEDS = config["seeds"]
+SEARCH_SEEDS = config.get("search_seeds", [0])
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_]+",
+    teacher=r"[A-Za-z0-9_.]+",
+    student=r"[A-Za-z0-9_.]+",
+    method=r"[A-Za-z0-9_.+-]+",
+    mode=r"prune|argmax|topk|full|last|average|random",
+    seed=r"[0-9]+",
+    sseed=r"[0-9]+",
+    tseed=r"[0-9]+",
+
+
+def fail(message):
+    raise WorkflowError(f"config error: {message}")
+
+
+def teacher_def(teacher):
+    return config["teachers"][teacher]
+
+
+def teacher_dataset(teacher):
+    return teacher_def(teacher)["dataset"]
+
+
+def dataset_classes(dataset):
+    d = config["datasets"][dataset]
+    from dfakd.data import dataset_info
+
+    known = dataset_info(d["name"]).num_classes
+    return known if known is not None else d["num_classes"]
+
+
+def pair_def(dataset, teacher, student):
+    for pair in config["pairs"]:
+        if (
+            pair["teacher"] == teacher
+            and pair["student"] == student
+            and teacher_dataset(teacher) == dataset
+        ):
+            return pair
+    fail(f"no pair {teacher} -> {student} on {dataset}")
+
+
+def search_seed_for(seed):
+    """Distillation seed s uses search seed search_seeds[s mod len(search_seeds)]."""
+    return SEARCH_SEEDS[SEEDS.index(int(seed)) % len(SEARCH_SEEDS)]
+
+
+def resources_for(kind):
+    merged = {
+        **config.get("resources", {}).get("default", {}),
+        **config.get("resources", {}).get(kind, {}),
+    }
+    return {
+        "threads": merged.get("threads", 1),
+        "mem_mb": merged.get("mem_mb", 4000),
+        "runtime": merged.get("runtime", 60),
+        "gpu": merged.get("gpu", 0),
+    }
+
+
+def gpu_env(kind):
+    """Local multi-GPU runs: each job takes its own GPU from a pool of config['local_gpus']."""
+    pool = config.get("local_gpus", 0)
+    return f"DFAKD_GPU_POOL={pool} " if pool and resources_for(kind)["gpu"] else ""
+
+
+def tracking_section():
+    section = {"experiment": EXP, **config.get("tracking", {})}
+    return section
+
+
+def job_config(kind, dataset, model, recipe=None, seed=0, extra=None):
+    """The job config (merged by `dfakd` over its defaults) of one rule instance."""
+    cfg = json.loads(json.dumps(config.get("job", {})))
+    cfg["seed"] = int(seed)
+    cfg["results_dir"] = OUT
+    cfg["dataset"] = {**cfg.get("dataset", {}), **config["datasets"][dataset]}
+    cfg["model"] = {"arch": model}
+    if recipe is not None:
+        cfg["recipe"] = {**cfg.get("recipe", {}), **config["recipes"][recipe]}
+    cfg["tracking"] = {**cfg.get("tracking", {}), **tracking_section()}
+    cfg["runtime"] = {
+        **cfg.get("runtime", {}),
+        "threads": resources_for(kind)["threads"],
+    }
+    for key, value in (extra or {}).items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def as_json(cfg):
+    return json.dumps(cfg, sort_keys=True)
+
+
+def teacher_job(teacher):
+    t = teacher_def(teacher)
+    return job_config("train", t["dataset"], t["arch"], t["recipe"], t.get("seed", 0))
+
+
+def search_job(dataset, teacher, student, sseed):
+    t = teacher_def(teacher)
+    extra = {
+        "teacher": {"arch": t["arch"]},
+        "search": config.get("search", {}),
+        "derive": config.get("derive", {}),
+    }
+    return job_config(
+        "search",
+        dataset,
+        student,
+        pair_def(dataset, teacher, student)["recipe"],
+        sseed,
+        extra,
+    )
+
+
+def derive_job(dataset, teacher, student, sseed):
+    return search_job(dataset, teacher, student, sseed)
+
+
+def student_job(dataset, teacher, student, method, seed):
+    m = config["methods"][method]
+    distill = {
+        "method": m["method"],
+        "ce_weight": m.get("ce_weight", 1.0),
+        "options": m.get("options", {}),
+    }
+    extra = {"teacher": {"arch": teacher_def(teacher)["arch"]}, "distill": distill}
+    recipe = m.get("recipe", pair_def(dataset, teacher, student)["recipe"])
+    return job_config("distill", dataset, student, recipe, seed, extra)
+
+
+# ---- paths ----------------------------------------------------------------------------------------
+
+
+def teacher_dir(teacher):
+    t = teacher_def(teacher)
+    if t.get("checkpoint"):
+        return f"{OUT}/teachers/{t['dataset']}/{teacher}/imported"
+    return f"{OUT}/teachers/{t['dataset']}/{teacher}/s{t.get('seed', 0)}"
+
+
+def teacher_checkpoint(wildcards):
+    return f"{teacher_dir(wildcards.teacher)}/best.pt"
+
+
+def aggregation_input(wildcards):
+    m = config["methods"][wildcards.method]
+    if m.get("aggregation_file"):
+        return m["aggregation_file"]
+    mode = m.get("aggregation")
+    if mode is None:
+        return []
+    sseed = (
+        search_seed_for(wildcards.seed) if mode in SEARCHED_MODES else wildcards.seed
+    )
+    return f"{OUT}/aggregations/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/{mode}-s{sseed}.yaml"
+
+
+def derive_search_input(wildcards):
+    if wildcards.mode in FIXED_MODES:
+        return []
+    return f"{OUT}/search/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/s{wildcards.sseed}/search.json"
+
+
+def student_dirs():
+    for pair in config["pairs"]:
+        dataset = teacher_dataset(pair["teacher"])
+        for method in pair.get("methods", list(config["methods"])):
+            for seed in SEEDS:
+                yield f"{OUT}/students/{dataset}/{pair['teacher']}/{pair['student']}/{method}/s{seed}"
+
+
+def student_results():
+    return [f"{d}/result.json" for d in student_dirs()]
+
+
+def student_evaluations():
+    return [f"{d}/eval.json" for d in student_dirs()]
+
+
+def teacher_evaluations():
+    return {
+        f"{teacher_dataset(p['teacher'])}/{p['teacher']}": f"{teacher_dir(p['teacher'])}/eval.json"
+        for p in config["pairs"]
+    }
+
+
+def search_outputs():
+    outs = []
+    for pair in config["pairs"]:
+        dataset = teacher_dataset(pair["teacher"])
+        methods = pair.get("methods", list(config["methods"]))
+        if any(
+            config["methods"][m].get("aggregation") in SEARCHED_MODES for m in methods
+        ):
+            for sseed in sorted({search_seed_for(s) for s in SEEDS}):
+                outs.append(
+                    f"{OUT}/search/{dataset}/{pair['teacher']}/{pair['student']}/s{sseed}/search.json"
+                )
+    return outs
+
+
+def final_outputs():
+    return [
+        f"{OUT}/summary.csv",
+        f"{OUT}/summary.md",
+        f"{OUT}/plots/accuracy.png",
+        f"{OUT}/plots/learning_curves.png",
+        *search_outputs(),
+    ]
+
+
+def published_json():
+    refs = {}
+    for pair in config["pairs"]:
+        if pair.get("published"):
+            refs[
+                f"{teacher_dataset(pair['teacher'])}/{pair['teacher']}/{pair['student']}"
+            ] = pair["published"]
+    return json.dumps(refs, sort_keys=True)
+
+
+# ---- checks beyond the schema, before any job starts --------------------------------------------
+
+
+def check_config():
+    for tid, t in config["teachers"].items():
+        if t["dataset"] not in config["datasets"]:
+            fail(f"teachers.{tid}.dataset: unknown dataset {t['dataset']!r}")
+        if not t.get("checkpoint") and t.get("recipe") not in config.get("recipes", {}):
+            fail(
+                f"teachers.{tid}.recipe: unknown recipe {t.get('recipe')!r} (a trained teacher needs one)"
+            )
+        if not zoo.is_available(t["arch"]):
+            fail(f"teachers.{tid}.arch: unknown model {t['arch']!r}")
+    for i, pair in enumerate(config["pairs"]):
+        where = f"pairs[{i}]"
+        if pair["teacher"] not in config["teachers"]:
+            fail(
+                f"{where}.teacher: unknown teacher {pair['teacher']!r}; defined: {', '.join(config['teachers'])}"
+            )
+        if not zoo.is_available(pair["student"]):
+            fail(f"{where}.student: unknown model {pair['student']!r}")
+        if pair["recipe"] not in config.get("recipes", {}):
+            fail(f"{where}.recipe: unknown recipe {pair['recipe']!r}")
+        for m in pair.get("methods", []):
+            if m not in config["methods"]:
+                fail(
+                    f"{where}.methods: unknown method {m!r}; defined: {', '.join(config['methods'])}"
+                )
+    for name, m in config["methods"].items():
+        try:
+            kinds = parse_method(m["method"])
+        except DfakdError as exc:
+            fail(f"methods.{name}.method: {exc}")
+        if "dfa" in kinds and not (m.get("aggregation") or m.get("aggregation_file")):
+            fail(
+                f"methods.{name}: dfa needs 'aggregation' (a derive mode) or 'aggregation_file'"
+            )
+        if m.get("recipe") and m["recipe"] not in config.get("recipes", {}):
+            fail(f"methods.{name}.recipe: unknown recipe {m['recipe']!r}")
+    # every job config must load in dfakd (unknown recipe/search/job keys, bad values)
+    jobs = [
+        teacher_job(t) for t, d in config["teachers"].items() if not d.get("checkpoint")
+    ]
+    for pair in config["pairs"]:
+        dataset = teacher_dataset(pair["teacher"])
+        jobs.append(
+            search_job(dataset, pair["teacher"], pair["student"], SEARCH_SEEDS[0])
+        )
+        for method in pair.get("methods", list(config["methods"])):
+            jobs.append(
+                student_job(dataset, pair["teacher"], pair["student"], method, SEEDS[0])
+            )
+    for cfg in jobs:
+        try:
+            job_config_mod.load(json_configs=[json.dumps(cfg)])
+        except DfakdError as exc:
+            fail(str(exc))
+
+
+check_config()
+
+
+# ---- MLflow: one parent run per pipeline invocation ------------------------------------------------
+
+
+def start_pipeline_run():
+    tracking = config.get("tracking", {})
+    if not tracking.get("enabled", True):
+        return
+    cmd = [
+        sys.executable, "-m", "dfakd", "tracking-init", "--experiment", EXP, "--results-dir", OUT,
+        "--run-file", PARENT_RUN_FILE, "--name", f"pipeline {EXP}",
+    ]  # fmt: skip
+    if tracking.get("uri"):
+        cmd += ["--uri", tracking["uri"]]
+    subprocess.run(cmd, check=True)
+
+
+def finish_pipeline_run(status):
+    if (
+        config.get("tracking", {}).get("enabled", True)
+        and Path(PARENT_RUN_FILE).is_file()
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "dfakd",
+            "tracking-finish",
+            "--run-file",
+            PARENT_RUN_FILE,
+            "--status",
+            status,
+        ]
+        subprocess.run(cmd, check=False)
+
+
+PARENT_RUN_ARG = f"--parent-run-file {PARENT_RUN_FILE}"

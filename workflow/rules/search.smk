@@ -1,0 +1,66 @@
+# Stage 1 (one search per pair and search seed, shared by every distillation seed that uses it) and
+# the derivation of discrete aggregations (searched modes from a search; fixed modes need none).
+
+
+rule search:
+    input:
+        data=lambda w: f"{OUT}/data/{w.dataset}.ready",
+        teacher=teacher_checkpoint,
+    output:
+        search=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/search.json",
+        trajectory=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alpha_trajectory.csv",
+        heatmap=report(
+            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alphas.png",
+            caption="../report/search.rst",
+            category="Aggregation search",
+            subcategory="{dataset}: {teacher} -> {student}",
+            labels={"figure": "alphas", "seed": "{sseed}"},
+        ),
+        trajectory_plot=report(
+            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alpha_trajectory.png",
+            caption="../report/search.rst",
+            category="Aggregation search",
+            subcategory="{dataset}: {teacher} -> {student}",
+            labels={"figure": "trajectory", "seed": "{sseed}"},
+        ),
+    log:
+        f"{OUT}/logs/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: resources_for("search")["threads"]
+    resources:
+        gpu=resources_for("search")["gpu"],
+        mem_mb=resources_for("search")["mem_mb"],
+        runtime=resources_for("search")["runtime"],
+    params:
+        job=lambda w: as_json(search_job(w.dataset, w.teacher, w.student, w.sseed)),
+        run_dir=lambda w, output: os.path.dirname(output.search),
+        gpu=gpu_env("search"),
+        parent=PARENT_RUN_ARG,
+    shell:
+        "{params.gpu}dfakd search --config-json {params.job:q} {params.parent} --set teacher.checkpoint={input.teacher} "
+        "-o {params.run_dir} > {log} 2>&1"
+
+
+rule derive:
+    input:
+        search=derive_search_input,
+    output:
+        f"{OUT}/aggregations/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.yaml",
+    log:
+        f"{OUT}/logs/derive/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/derive/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        job=lambda w: as_json(derive_job(w.dataset, w.teacher, w.student, w.sseed)),
+        search=lambda w, input: f"--search {input.search}" if input.search else "",
+    shell:
+        "dfakd derive --config-json {params.job:q} --mode {wildcards.mode} {params.search} -o {output} > {log} 2>&1"

@@ -1,0 +1,71 @@
+# Summary tables and plots over every student and teacher of the experiment.
+localrules:
+    summary,
+    plots,
+
+
+rule summary:
+    input:
+        results=student_results(),
+        evaluations=student_evaluations(),
+        teachers=list(teacher_evaluations().values()),
+    output:
+        csv=report(
+            f"{OUT}/summary.csv", caption="../report/summary.rst", category="Summary"
+        ),
+        md=report(
+            f"{OUT}/summary.md", caption="../report/summary.rst", category="Summary"
+        ),
+    log:
+        f"{OUT}/logs/summary.log",
+    benchmark:
+        f"{OUT}/benchmarks/summary.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        teachers=" ".join(
+            f"--teacher {k}={v}" for k, v in teacher_evaluations().items()
+        ),
+        published=published_json(),
+        title=f"dfakd experiment {EXP}",
+    shell:
+        "dfakd summarize {input.results} {params.teachers} --published-json {params.published:q} "
+        "--title {params.title:q} --csv {output.csv} --md {output.md} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        results=student_results(),
+        teachers=list(teacher_evaluations().values()),
+    output:
+        accuracy=report(
+            f"{OUT}/plots/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Plots",
+        ),
+        curves=report(
+            f"{OUT}/plots/learning_curves.png",
+            caption="../report/curves.rst",
+            category="Plots",
+        ),
+    log:
+        f"{OUT}/logs/plots.log",
+    benchmark:
+        f"{OUT}/benchmarks/plots.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        teachers=" ".join(
+            f"--teacher {k}={v}" for k, v in teacher_evaluations().items()
+        ),
+    shell:
+        "dfakd plot {input.results} {params.teachers} --accuracy {output.accuracy} --curves {output.curves} "
+        "> {log} 2>&1"

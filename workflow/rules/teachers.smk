@@ -1,0 +1,85 @@
+# Teachers: one per (dataset, teacher id, teacher seed), shared by every pair that names it.
+
+
+rule train_teacher:
+    input:
+        data=lambda w: f"{OUT}/data/{w.dataset}.ready",
+    output:
+        best=f"{OUT}/teachers/{{dataset}}/{{teacher}}/s{{tseed}}/best.pt",
+        last=f"{OUT}/teachers/{{dataset}}/{{teacher}}/s{{tseed}}/last.pt",
+        result=f"{OUT}/teachers/{{dataset}}/{{teacher}}/s{{tseed}}/result.json",
+    log:
+        f"{OUT}/logs/train_teacher/{{dataset}}/{{teacher}}/s{{tseed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train_teacher/{{dataset}}/{{teacher}}/s{{tseed}}.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: resources_for("train")["threads"]
+    resources:
+        gpu=resources_for("train")["gpu"],
+        mem_mb=resources_for("train")["mem_mb"],
+        runtime=resources_for("train")["runtime"],
+    params:
+        job=lambda w: as_json(teacher_job(w.teacher)),
+        run_dir=lambda w, output: os.path.dirname(output.best),
+        gpu=gpu_env("train"),
+        parent=PARENT_RUN_ARG,
+    shell:
+        "{params.gpu}dfakd train --config-json {params.job:q} {params.parent} -o {params.run_dir} > {log} 2>&1"
+
+
+rule import_teacher:
+    input:
+        checkpoint=lambda w: teacher_def(w.teacher)["checkpoint"],
+    output:
+        best=f"{OUT}/teachers/{{dataset}}/{{teacher}}/imported/best.pt",
+    log:
+        f"{OUT}/logs/import_teacher/{{dataset}}/{{teacher}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/import_teacher/{{dataset}}/{{teacher}}.tsv"
+    conda:
+        "../envs/dfakd.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    params:
+        arch=lambda w: teacher_def(w.teacher)["arch"],
+        num_classes=lambda w: dataset_classes(w.dataset),
+        sha256=lambda w: (
+            f"--sha256 {teacher_def(w.teacher)['sha256']}"
+            if teacher_def(w.teacher).get("sha256")
+            else ""
+        ),
+    shell:
+        "dfakd import-teacher {input.checkpoint} --arch {params.arch} --num-classes {params.num_classes} "
+        "{params.sha256} --out {output.best} > {log} 2>&1"
+
+
+rule evaluate_teacher:
+    input:
+        data=lambda w: f"{OUT}/data/{w.dataset}.ready",
+        checkpoint=f"{OUT}/teachers/{{dataset}}/{{teacher}}/{{run}}/best.pt",
+    output:
+        f"{OUT}/teachers/{{dataset}}/{{teacher}}/{{run}}/eval.json",
+    log:
+        f"{OUT}/logs/evaluate_teacher/{{dataset}}/{{teacher}}/{{run}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate_teacher/{{dataset}}/{{teacher}}/{{run}}.tsv"
+    wildcard_constraints:
+        run=r"imported|s[0-9]+",
+    conda:
+        "../envs/dfakd.yaml"
+    threads: resources_for("evaluate")["threads"]
+    resources:
+        gpu=resources_for("evaluate")["gpu"],
+        mem_mb=resources_for("evaluate")["mem_mb"],
+        runtime=resources_for("evaluate")["runtime"],
+    params:
+        job=lambda w: as_json(
+            job_config("evaluate", w.dataset, teacher_def(w.teacher)["arch"])
+        ),
+        gpu=gpu_env("evaluate"),
+    shell:
+        "{params.gpu}dfakd evaluate --config-json {params.job:q} --checkpoint {input.checkpoint} -o {output} "
+        "> {log} 2>&1"
