@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verb in ("train", "search", "distill", "evaluate"):
+        from dfakd import gpu_pool
+
+        gpu_pool.claim()
     try:
         return int(args.func(args) or 0)
     except DfakdError as exc:
