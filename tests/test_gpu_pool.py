@@ -11,6 +11,9 @@ HOLD = (
 )
 
 
+CHECK = "import os; from dfakd import gpu_pool; print(gpu_pool.claim(), 'CUDA_VISIBLE_DEVICES' in os.environ)"
+
+
 def _start(env, hold_s):
     return subprocess.Popen(
         [sys.executable, "-c", HOLD, str(hold_s)],
