@@ -66,11 +66,7 @@ def test_pool_draws_from_already_visible_devices(tmp_path):
 
 def test_no_pool_leaves_the_environment_alone(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import os; from dfakd import gpu_pool; print(gpu_pool.claim(), 'CUDA_VISIBLE_DEVICES' in os.environ)",
-        ],
+        [sys.executable, "-c", CHECK],
         env=_env(tmp_path, 0),
         capture_output=True,
         text=True,
