@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIG = "config/demo.yaml"
+CONFIG = "config/jobs/demo.yaml"
 ROWS = [  # (label, method, aggregation mode or None)
     ("vanilla", "vanilla", None),
     ("KD", "kd", None),
