@@ -163,7 +163,10 @@ def _start_train(cfg_path: Path, run: Path, cwd: Path, log: Path) -> subprocess.
         )
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, sig: signal.Signals):
+    """SIGKILL loses the epoch in progress; SIGTERM (pre-emption) saves it mid-epoch. Either way the
+    resumed run ends exactly where an uninterrupted one does."""
     epochs = 4
     images = write_imagefolder(tmp_path / "imgs", n_train=150, n_test=20)
     cfg = tiny_config(images.root, tmp_path / "results", epochs=epochs, schedule="cosine")
@@ -186,19 +189,29 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path):
                 break
             time.sleep(0.02)
         time.sleep(0.1)  # into the next epoch
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
     assert not (killed / "result.json").exists() and not (killed / "last.pt").exists()
-    killed_at = _load(state_path)["epoch"]
+    state = _load(state_path)
+    killed_at = state["epoch"]
     assert 1 <= killed_at < epochs
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert state["step"] == 0
+        # Snakemake removes the declared outputs of an incomplete job before rerunning it
+        (killed / "best.pt").unlink(missing_ok=True)
+    else:
+        log_text = (tmp_path / "killed.log").read_text()
+        assert proc.returncode == 143, log_text
+        assert "stopped: SIGTERM: saved" in log_text and "Traceback" not in log_text
+        assert state["step"] > 0 or "after epoch" in log_text  # mid-epoch, unless it landed on a boundary
 
     resumed = run_cli("train", "-c", cfg_path, "-o", killed, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {state_path} after epoch {killed_at}/{epochs}" in resumed.stderr
+    assert f"resuming from {state_path} after epoch {killed_at}" in resumed.stderr
     assert f"epoch {killed_at}/{epochs}:" not in resumed.stderr  # finished epochs are not redone
     assert ref_proc.wait(timeout=120) == 0, (tmp_path / "reference.log").read_text()
 

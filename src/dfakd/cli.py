@@ -307,8 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         from dfakd import gpu_pool
 
         gpu_pool.claim()
+    from dfakd.training.preemption import EXIT_CODE, Preempted
+
     try:
         return int(args.func(args) or 0)
+    except Preempted as exc:
+        print(f"dfakd {args.verb}: stopped: {exc}", file=sys.stderr)
+        return EXIT_CODE
     except DfakdError as exc:
         print(f"dfakd {args.verb}: error: {exc}", file=sys.stderr)
         return 2

@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "precision": "fp32",  # fp32 | bf16 (autocast)
         "channels_last": False,
+        "compile": False,  # torch.compile the student (and teacher); compile time is reported separately
         "eval_batch_size": 512,
         "log_every": 50,  # steps between one-line progress messages when not on a terminal
         "deterministic": False,  # torch.use_deterministic_algorithms

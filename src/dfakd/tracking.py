@@ -126,6 +126,12 @@ class Tracker:
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status=status)
 
+    def abort(self, exc: BaseException) -> None:
+        """Close the run of a job that stopped early: KILLED when interrupted (SIGTERM, Ctrl-C), else FAILED."""
+        from dfakd.training.preemption import Preempted
+
+        self.finish("KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")
+
     def describe(self) -> str:
         if not self.enabled:
             return "tracking disabled"

@@ -105,7 +105,7 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} on {device}")
         result = fit(job, step, student, step.loss, train_batches, test_batches)
         finish(job, result)
-    except BaseException:
-        job.tracker.finish("FAILED")
+    except BaseException as exc:
+        job.tracker.abort(exc)
         raise
     return result

@@ -359,8 +359,8 @@ def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
             ]
         )
         job.tracker.finish()
-    except BaseException:
-        job.tracker.finish("FAILED")
+    except BaseException as exc:
+        job.tracker.abort(exc)
         raise
     for g in result["groups"]:
         log(

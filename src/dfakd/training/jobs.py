@@ -101,8 +101,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         log(f"training {arch} on {cfg['dataset']['name']} ({len(train_batches)} steps/epoch) on {job.device}")
         result = fit(job, model, model, step_loss, train_batches, test_batches)
         finish(job, result)
-    except BaseException:
-        job.tracker.finish("FAILED")
+    except BaseException as exc:
+        job.tracker.abort(exc)
         raise
     return result
 
