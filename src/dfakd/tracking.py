@@ -127,7 +127,7 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
     def abort(self, exc: BaseException) -> None:
-        """Close the run of a job that stopped early: KILLED when interrupted (SIGTERM, Ctrl-C), else FAILED."""
+        """Close the run of a job that stopped early: KILLED if interrupted (SIGTERM, Ctrl-C), else FAILED."""
         from dfakd.training.preemption import Preempted
 
         self.finish("KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED")
