@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfakd import data, models
+from dfakd.errors import DfakdError
 from dfakd.methods import aggregation as agg_mod
 from dfakd.methods.base import GroupPair, match_groups
 from dfakd.methods.ofd import connector
 from dfakd.models import FeatureNet, NetFeatures
 from dfakd.training import checkpoint as ckpt
 from dfakd.training.loop import rng_state, set_rng_state
+from dfakd.training.preemption import Preempted, stop_on_sigterm
 from dfakd.training.runtime import Progress, autocast, log
 
 CHECKPOINT = "search_checkpoint.pt"
@@ -141,233 +143,253 @@ def weighted_bridge(terms: dict[str, torch.Tensor], scfg: dict[str, Any]) -> tor
     return total
 
 
+class Searcher:
+    """The bi-level search state: frozen teacher, student, bridge (betas + connectors), two optimizers."""
+
+    def __init__(self, cfg: dict[str, Any], teacher: FeatureNet, student: FeatureNet, device: torch.device):
+        self.scfg = cfg["search"]
+        self.precision = cfg["runtime"]["precision"]
+        self.device = device
+        self.teacher, self.student = teacher, student
+        self.pairs = match_groups(teacher, student)
+        self.bridge = BridgeSearch(self.pairs).to(device)
+        self.w_opt = torch.optim.SGD(
+            [*student.parameters(), *self.bridge.weight_parameters()],
+            lr=self.scfg["w_lr"],
+            momentum=self.scfg["w_momentum"],
+            weight_decay=self.scfg["w_weight_decay"],
+        )
+        self.beta_opt = torch.optim.Adam(
+            self.bridge.arch_parameters(),
+            lr=self.scfg["beta_lr"],
+            betas=tuple(self.scfg["beta_betas"]),
+            weight_decay=self.scfg["beta_weight_decay"],
+        )
+
+    def weight_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        """Student + connectors on a weight-half batch: CE + every group's bridge loss, alphas fixed."""
+        for group in self.w_opt.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.precision):
+            with torch.no_grad():
+                t = self.teacher.forward_features(x)
+            s = self.student.forward_features(x)
+            terms = self.bridge.bridge(self.student, s, t, y, list(range(len(self.pairs))), detach_alpha=True)
+            ce = F.cross_entropy(s.logits.float(), y)
+            loss = ce + weighted_bridge(terms, self.scfg)
+        if torch.isfinite(loss):
+            self.w_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.w_opt.step()
+        return {"w_loss": loss.detach(), "ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def beta_step(self, x: torch.Tensor, y: torch.Tensor, groups: list[int]) -> torch.Tensor:
+        """The active groups' betas on a beta-half batch (first order); BN statistics untouched."""
+        with frozen_batchnorm_stats(self.student, self.bridge), autocast(self.device, self.precision):
+            with torch.no_grad():
+                t = self.teacher.forward_features(x)
+                s = self.student.forward_features(x)
+            loss = weighted_bridge(self.bridge.bridge(self.student, s, t, y, groups), self.scfg)
+            if self.scfg["regularizer"] != "none":
+                reg = self.bridge.regularizer(self.scfg["regularizer"], groups)
+                loss = loss + self.scfg["regularizer_weight"] * reg
+        if torch.isfinite(loss):
+            active = [self.bridge.betas[i] for i in groups]
+            grads = torch.autograd.grad(loss, active)
+            self.beta_opt.zero_grad(set_to_none=True)
+            for beta, grad in zip(active, grads, strict=True):
+                beta.grad = grad
+            self.beta_opt.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "bridge": self.bridge.state_dict(),
+            "w_opt": self.w_opt.state_dict(),
+            "beta_opt": self.beta_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.bridge.load_state_dict(state["bridge"])
+        self.w_opt.load_state_dict(state["w_opt"])
+        self.beta_opt.load_state_dict(state["beta_opt"])
+
+    def result(self) -> list[dict[str, Any]]:
+        with torch.no_grad():
+            return [
+                {
+                    "spatial": p.spatial,
+                    "teacher_group": p.teacher.index,
+                    "student_group": p.student.index,
+                    "layers": list(p.teacher.names),
+                    "beta": self.bridge.betas[i].tolist(),
+                    "alpha": F.softmax(self.bridge.betas[i], 0).tolist(),
+                }
+                for i, p in enumerate(self.pairs)
+            ]
+
+
 def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``dfakd search``: run stage 1 and write ``search.json`` and its plots."""
-    from dfakd.plots import alpha_heatmap, alpha_trajectory_plot
     from dfakd.training.jobs import load_teacher, open_job, train_stream
 
     run_dir = Path(run_dir)
     if (run_dir / RESULT).is_file():
         log(f"{run_dir / RESULT} exists; nothing to do")
         return json.loads((run_dir / RESULT).read_text())
-    scfg = cfg["search"]
     student_arch = cfg["model"]["arch"]
     n_classes = data.num_classes(cfg["dataset"])
     teacher, teacher_arch = load_teacher(cfg, n_classes)
-    job = open_job(
-        cfg,
-        run_dir,
-        "search",
-        f"search-{teacher_arch}-{student_arch}-s{cfg['seed']}",
-        {
-            "teacher": teacher_arch,
-            "student": student_arch,
-            "pair": f"{teacher_arch}-{student_arch}",
-            "method": "dfa",
-        },
-    )
-    device = job.device
+    pair = f"{teacher_arch}-{student_arch}"
+    tags = {"teacher": teacher_arch, "student": student_arch, "pair": pair, "method": "dfa"}
+    job = open_job(cfg, run_dir, "search", f"search-{pair}-s{cfg['seed']}", tags)
     try:
-        teacher = teacher.to(device).eval()
+        teacher = teacher.to(job.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         torch.manual_seed(cfg["seed"])
-        student = models.build(student_arch, n_classes).to(device)
-        pairs = match_groups(teacher, student)
-        skipped = [
-            g.spatial for g in teacher.describe_groups() if g.spatial not in {p.spatial for p in pairs}
-        ]
-        log(
-            f"searching groups at {[p.spatial for p in pairs]} px"
-            + (
-                f"; teacher groups at {skipped} px have no student counterpart and are left out"
-                if skipped
-                else ""
-            )
-        )
-        bridge = BridgeSearch(pairs).to(device)
+        searcher = Searcher(cfg, teacher, models.build(student_arch, n_classes).to(job.device), job.device)
+        shared = {p.spatial for p in searcher.pairs}
+        skipped = [g.spatial for g in teacher.describe_groups() if g.spatial not in shared]
+        log(f"searching groups at {sorted(shared, reverse=True)} px")
+        if skipped:
+            log(f"teacher groups at {skipped} px have no student group of that size and are left out")
 
         full = data.load_split(cfg["dataset"], "train")
         w_idx, b_idx = data.stratified_halves(full.labels, cfg["seed"])
-        search_cfg = {**cfg, "recipe": {**cfg["recipe"], "batch_size": scfg["batch_size"]}}
-        w_stream = train_stream(search_cfg, device, full.subset(w_idx))
-        b_stream = train_stream(search_cfg, device, full.subset(b_idx))
+        search_cfg = {**cfg, "recipe": {**cfg["recipe"], "batch_size": cfg["search"]["batch_size"]}}
+        w_stream = train_stream(search_cfg, job.device, full.subset(w_idx))
+        b_stream = train_stream(search_cfg, job.device, full.subset(b_idx))
         b_stream.stream_id = 1
+        trajectory = run_search(job, searcher, w_stream, b_stream)
 
-        w_opt = torch.optim.SGD(
-            [*student.parameters(), *bridge.weight_parameters()],
-            lr=scfg["w_lr"],
-            momentum=scfg["w_momentum"],
-            weight_decay=scfg["w_weight_decay"],
-        )
-        beta_opt = torch.optim.Adam(
-            bridge.arch_parameters(),
-            lr=scfg["beta_lr"],
-            betas=tuple(scfg["beta_betas"]),
-            weight_decay=scfg["beta_weight_decay"],
-        )
-        plan = phases(scfg["schedule"], len(pairs))
-        epochs_total = len(plan) * scfg["epochs"]
-        steps_per_epoch = len(w_stream)
-        total_steps = epochs_total * steps_per_epoch
-        trajectory: list[list[float]] = []  # [step, phase, group, alpha_0, alpha_1, ...]
-        history: list[dict[str, float]] = []
-        start_epoch = 0
-        state_path = run_dir / CHECKPOINT
-        if state_path.is_file():
-            state = ckpt.load(state_path, map_location=device)
-            student.load_state_dict(state["student"])
-            bridge.load_state_dict(state["bridge"])
-            w_opt.load_state_dict(state["w_opt"])
-            beta_opt.load_state_dict(state["beta_opt"])
-            start_epoch, trajectory, history = state["epoch"], state["trajectory"], state["history"]
-            set_rng_state(state["rng"])
-            log(f"resuming search after epoch {start_epoch}/{epochs_total}")
-
-        precision = cfg["runtime"]["precision"]
-        for global_epoch in range(start_epoch, epochs_total):
-            phase = global_epoch // scfg["epochs"]
-            groups = plan[phase]
-            bridge.active = groups
-            w_stream.set_epoch(global_epoch)
-            b_stream.set_epoch(global_epoch)
-            student.train()
-            bridge.train()
-            progress = Progress(
-                steps_per_epoch,
-                f"search epoch {global_epoch + 1}/{epochs_total} (groups {groups})",
-                cfg["runtime"]["log_every"],
-            )
-            sums: dict[str, float] = {}
-            t0 = time.perf_counter()
-            for step, ((x, y), (xv, yv)) in enumerate(zip(w_stream, itertools.cycle(b_stream))):
-                global_step = global_epoch * steps_per_epoch + step
-                for group in w_opt.param_groups:
-                    group["lr"] = cosine_lr(global_step, total_steps, scfg["w_lr"], scfg["w_lr_min"])
-
-                # weight step: student + connectors, alphas fixed
-                with autocast(device, precision):
-                    with torch.no_grad():
-                        t = teacher.forward_features(x)
-                    s = student.forward_features(x)
-                    terms = bridge.bridge(student, s, t, y, list(range(len(pairs))), detach_alpha=True)
-                    ce = F.cross_entropy(s.logits.float(), y)
-                    w_loss = ce + weighted_bridge(terms, scfg)
-                if not torch.isfinite(w_loss):
-                    raise_nonfinite(w_loss, global_epoch, step, state_path)
-                w_opt.zero_grad(set_to_none=True)
-                w_loss.backward()
-                w_opt.step()
-
-                # beta step: the active groups' betas only, on the other half
-                with frozen_batchnorm_stats(student, bridge), autocast(device, precision):
-                    with torch.no_grad():
-                        tv = teacher.forward_features(xv)
-                        sv = student.forward_features(xv)
-                    b_terms = bridge.bridge(student, sv, tv, yv, groups)
-                    b_loss = weighted_bridge(b_terms, scfg)
-                    if scfg["regularizer"] != "none":
-                        b_loss = b_loss + scfg["regularizer_weight"] * bridge.regularizer(
-                            scfg["regularizer"], groups
-                        )
-                active = [bridge.betas[i] for i in groups]
-                grads = torch.autograd.grad(b_loss, active)
-                beta_opt.zero_grad(set_to_none=True)
-                for beta, grad in zip(active, grads, strict=True):
-                    beta.grad = grad
-                beta_opt.step()
-
-                for name, value in {"ce": ce, "w_loss": w_loss, "beta_loss": b_loss, **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                if global_step % scfg["record_every"] == 0 or step + 1 == steps_per_epoch:
-                    with torch.no_grad():
-                        for i in groups:
-                            trajectory.append([global_step + 1, phase, i, *bridge.alpha(i).tolist()])
-                if progress.tty or (step + 1) % progress.every == 0 or step + 1 == steps_per_epoch:
-                    progress.update(step, f"w {w_loss.item():.3f} beta {b_loss.item():.3f}")
-
-            last_epoch_of_phase = (global_epoch + 1) % scfg["epochs"] == 0
-            if scfg["schedule"] == "groupwise" and last_epoch_of_phase:
-                for i in groups:
-                    weights = agg_mod.derive_weights(
-                        bridge.alpha(i).tolist(),
-                        _searched_mode(cfg),
-                        cfg["derive"]["tau"],
-                        cfg["derive"]["k"],
-                    )
-                    bridge.fix(i, weights)
-                    log(f"group {pairs[i].spatial}px: alpha {fmt(bridge.alpha(i))} -> fixed {weights}")
-            row = {
-                "epoch": global_epoch + 1,
-                **{k: v / steps_per_epoch for k, v in sums.items()},
-                "epoch_time_s": time.perf_counter() - t0,
-            }
-            history.append(row)
-            metrics = {k: v for k, v in row.items() if k != "epoch"}
-            with torch.no_grad():
-                for i, p in enumerate(pairs):
-                    for name, a in zip(p.teacher.names, F.softmax(bridge.betas[i], 0).tolist(), strict=True):
-                        metrics[f"alpha.g{p.spatial}.{name}"] = a
-            job.tracker.log_metrics(metrics, step=global_epoch + 1)
-            ckpt.atomic_save(
-                {
-                    "student": student.state_dict(),
-                    "bridge": bridge.state_dict(),
-                    "w_opt": w_opt.state_dict(),
-                    "beta_opt": beta_opt.state_dict(),
-                    "epoch": global_epoch + 1,
-                    "trajectory": trajectory,
-                    "history": history,
-                    "rng": rng_state(),
-                },
-                state_path,
-            )
-            log(
-                f"search epoch {global_epoch + 1}/{epochs_total}: w-loss {row['w_loss']:.4f}, "
-                f"bridge (beta half) {row['beta_loss']:.4f}, {row['epoch_time_s']:.1f}s"
-            )
-
-        with torch.no_grad():
-            result = {
-                "teacher": teacher_arch,
-                "student": student_arch,
-                "dataset": cfg["dataset"]["name"],
-                "seed": cfg["seed"],
-                "schedule": scfg["schedule"],
-                "steps": total_steps,
-                "skipped_teacher_groups": skipped,
-                "groups": [
-                    {
-                        "spatial": p.spatial,
-                        "teacher_group": p.teacher.index,
-                        "student_group": p.student.index,
-                        "layers": list(p.teacher.names),
-                        "beta": bridge.betas[i].tolist(),
-                        "alpha": F.softmax(bridge.betas[i], 0).tolist(),
-                    }
-                    for i, p in enumerate(pairs)
-                ],
-            }
-        write_trajectory(run_dir / "alpha_trajectory.csv", trajectory, pairs)
-        alpha_heatmap(result, run_dir / "alphas.png")
-        alpha_trajectory_plot(run_dir / "alpha_trajectory.csv", run_dir / "alpha_trajectory.png")
-        ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
-        job.tracker.log_artifacts(
-            [
-                run_dir / n
-                for n in ("config.yaml", RESULT, "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png")
-            ]
-        )
-        job.tracker.finish()
+        result = {
+            "teacher": teacher_arch,
+            "student": student_arch,
+            "dataset": cfg["dataset"]["name"],
+            "seed": cfg["seed"],
+            "schedule": cfg["search"]["schedule"],
+            "steps": trajectory[-1][0] if trajectory else 0,
+            "skipped_teacher_groups": skipped,
+            "groups": searcher.result(),
+        }
+        write_outputs(job, result, trajectory, searcher.pairs)
     except BaseException as exc:
         job.tracker.abort(exc)
         raise
-    for g in result["groups"]:
-        log(
-            f"group {g['spatial']}px: "
-            + ", ".join(f"{n}={a:.3f}" for n, a in zip(g["layers"], g["alpha"], strict=True))
-        )
     return result
+
+
+def run_search(job, searcher: Searcher, w_stream, b_stream) -> list[list[float]]:
+    """The alternating loop over phases and epochs, with per-epoch checkpoints, resume and SIGTERM."""
+    cfg, scfg, bridge = job.cfg, searcher.scfg, searcher.bridge
+    plan = phases(scfg["schedule"], len(searcher.pairs))
+    epochs_total = len(plan) * scfg["epochs"]
+    steps = len(w_stream)
+    total_steps = epochs_total * steps
+    if steps == 0:
+        raise DfakdError(f"search.batch_size {scfg['batch_size']} is larger than half the training set")
+    trajectory: list[list[float]] = []  # [step, phase, group, alpha_0, alpha_1, ...]
+    history: list[dict[str, float]] = []
+    start_epoch, start_step, partial = 0, 0, None
+    state_path = job.run_dir / CHECKPOINT
+    if state_path.is_file():
+        state = ckpt.load(state_path, map_location=job.device)
+        searcher.load_state_dict(state)
+        start_epoch, start_step, partial = state["epoch"], state["step"], state["partial"]
+        trajectory, history = state["trajectory"], state["history"]
+        set_rng_state(state["rng"])
+        log(f"resuming search after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
+
+    def save(epoch: int, step: int, partial: dict | None) -> None:
+        extra = {"trajectory": trajectory, "history": history, "rng": rng_state()}
+        ckpt.atomic_save(
+            {**searcher.state_dict(), "epoch": epoch, "step": step, "partial": partial, **extra}, state_path
+        )
+
+    with stop_on_sigterm() as stop:
+        for epoch in range(start_epoch, epochs_total):
+            phase = epoch // scfg["epochs"]
+            groups = plan[phase]
+            bridge.active = groups
+            w_stream.set_epoch(epoch)
+            b_stream.set_epoch(epoch)
+            searcher.student.train()
+            bridge.train()
+            label = f"search epoch {epoch + 1}/{epochs_total} (groups {groups})"
+            progress = Progress(steps, label, cfg["runtime"]["log_every"])
+            skip = start_step if epoch == start_epoch else 0
+            sums, elapsed = (dict(partial["sums"]), partial["time"]) if skip and partial else ({}, 0.0)
+            t0 = time.perf_counter()
+            for step, ((x, y), (xv, yv)) in enumerate(zip(w_stream, itertools.cycle(b_stream))):
+                if step < skip:
+                    continue  # done before the interruption; drawn again to keep random streams aligned
+                global_step = epoch * steps + step
+                terms = searcher.weight_step(
+                    x, y, cosine_lr(global_step, total_steps, scfg["w_lr"], scfg["w_lr_min"])
+                )
+                terms["beta_loss"] = searcher.beta_step(xv, yv, groups)
+                for name in ("w_loss", "beta_loss"):
+                    if not torch.isfinite(terms[name]):
+                        raise DfakdError(
+                            f"non-finite search {name} ({terms[name].item()}) at epoch {epoch + 1}, step "
+                            f"{step + 1}; the last good checkpoint is kept in {state_path}"
+                        )
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                if global_step % scfg["record_every"] == 0 or step + 1 == steps:
+                    with torch.no_grad():
+                        trajectory.extend(
+                            [global_step + 1, phase, i, *bridge.alpha(i).tolist()] for i in groups
+                        )
+                if progress.tty or (step + 1) % progress.every == 0 or step + 1 == steps:
+                    progress.update(
+                        step, f"w {float(terms['w_loss']):.3f} beta {float(terms['beta_loss']):.3f}"
+                    )
+                if stop.requested and step + 1 < steps:
+                    save(epoch, step + 1, {"sums": sums, "time": elapsed + time.perf_counter() - t0})
+                    raise Preempted(
+                        f"SIGTERM: saved {state_path} at epoch {epoch + 1}, step {step + 1}; rerun to resume"
+                    )
+
+            if scfg["schedule"] == "groupwise" and (epoch + 1) % scfg["epochs"] == 0:
+                for i in groups:
+                    mode, tau, k = _searched_mode(cfg), cfg["derive"]["tau"], cfg["derive"]["k"]
+                    weights = agg_mod.derive_weights(bridge.alpha(i).tolist(), mode, tau, k)
+                    log(f"group {searcher.pairs[i].spatial}px: {fmt(bridge.alpha(i))} -> fixed {weights}")
+                    bridge.fix(i, weights)
+            row = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+            row["epoch_time_s"] = elapsed + time.perf_counter() - t0
+            history.append(row)
+            metrics = {k: v for k, v in row.items() if k != "epoch"}
+            with torch.no_grad():
+                for i, p in enumerate(searcher.pairs):
+                    for name, a in zip(p.teacher.names, F.softmax(bridge.betas[i], 0).tolist(), strict=True):
+                        metrics[f"alpha.g{p.spatial}.{name}"] = a
+            job.tracker.log_metrics(metrics, step=epoch + 1)
+            save(epoch + 1, 0, None)
+            log(
+                f"search epoch {epoch + 1}/{epochs_total}: w-loss {row['w_loss']:.4f}, "
+                f"bridge (beta half) {row['beta_loss']:.4f}, {row['epoch_time_s']:.1f}s"
+            )
+            if stop.requested and epoch + 1 < epochs_total:
+                raise Preempted(f"SIGTERM: saved {state_path} after epoch {epoch + 1}; rerun to resume")
+    return trajectory
+
+
+def write_outputs(job, result: dict[str, Any], trajectory: list[list[float]], pairs: list[GroupPair]) -> None:
+    from dfakd.plots import alpha_heatmap, alpha_trajectory_plot
+
+    run_dir = job.run_dir
+    write_trajectory(run_dir / "alpha_trajectory.csv", trajectory, pairs)
+    alpha_heatmap(result, run_dir / "alphas.png")
+    alpha_trajectory_plot(run_dir / "alpha_trajectory.csv", run_dir / "alpha_trajectory.png")
+    ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+    names = ("config.yaml", RESULT, "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png")
+    job.tracker.log_artifacts([run_dir / n for n in names])
+    job.tracker.finish()
 
 
 def _searched_mode(cfg: dict[str, Any]) -> str:
@@ -378,15 +400,6 @@ def _searched_mode(cfg: dict[str, Any]) -> str:
 
 def fmt(alpha: torch.Tensor) -> str:
     return "[" + ", ".join(f"{a:.3f}" for a in alpha.tolist()) + "]"
-
-
-def raise_nonfinite(loss: torch.Tensor, epoch: int, step: int, state_path: Path) -> None:
-    from dfakd.errors import DfakdError
-
-    raise DfakdError(
-        f"non-finite search loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; the last good "
-        f"checkpoint is kept in {state_path}"
-    )
 
 
 def write_trajectory(path: Path, trajectory: list[list[float]], pairs: list[GroupPair]) -> None:
