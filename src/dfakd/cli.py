@@ -183,6 +183,21 @@ def cmd_tracking_finish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    from dfakd import tracking
+
+    if not Path(args.results_dir).is_dir():
+        raise DfakdError(f"results folder not found: {args.results_dir}")
+    synced = tracking.sync_results(args.results_dir, args.uri)
+    failed = [(d, r) for d, r in synced if isinstance(r, Exception)]
+    for run_dir, outcome in synced:
+        print(
+            f"{run_dir}: " + (f"FAILED ({outcome})" if isinstance(outcome, Exception) else f"run {outcome}")
+        )
+    print(f"synced {len(synced) - len(failed)} of {len(synced)} job folder(s) under {args.results_dir}")
+    return 2 if failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from dfakd import models
 
@@ -291,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-file", required=True)
     p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
     p.set_defaults(func=cmd_tracking_finish)
+
+    p = sub.add_parser("sync-mlflow", help="(re)build the MLflow runs of every job from its results files")
+    p.add_argument("results_dir", help="a results folder (searched recursively for jobs' mlflow_run.json)")
+    p.add_argument("--uri", help="send to this tracking URI instead of the one each job used")
+    p.set_defaults(func=cmd_sync_mlflow)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--groups", action="store_true", help="also show layer groups and candidate names")

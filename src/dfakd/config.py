@@ -88,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
         "experiment": "dfakd",
         "parent_run_id": None,  # nest this job's run under a pipeline run
         "tags": {},
+        "retries": 3,  # retries of a failed tracking call (exponential backoff) before going offline
+        "backoff_s": 1.0,  # first retry delay, doubled each retry
+        "timeout_s": 10.0,  # per HTTP request to a tracking server
     },
 }
 
@@ -267,6 +270,9 @@ def validate(cfg: dict[str, Any]) -> None:
     _require(0 <= cfg["derive"]["tau"] < 1, "derive.tau", "must be in [0, 1)")
     _require(cfg["derive"]["k"] >= 1, "derive.k", "must be >= 1")
     _require(cfg["distill"]["ce_weight"] >= 0, "distill.ce_weight", "must be >= 0")
+    _require(cfg["tracking"]["retries"] >= 0, "tracking.retries", "must be >= 0")
+    _require(cfg["tracking"]["backoff_s"] >= 0, "tracking.backoff_s", "must be >= 0")
+    _require(cfg["tracking"]["timeout_s"] > 0, "tracking.timeout_s", "must be > 0")
     if cfg["dataset"]["std"] is not None:
         _require(all(v > 0 for v in cfg["dataset"]["std"]), "dataset.std", "must be positive")
 

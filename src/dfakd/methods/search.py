@@ -45,7 +45,7 @@ from dfakd.methods.base import GroupPair, match_groups
 from dfakd.methods.ofd import connector
 from dfakd.models import FeatureNet, NetFeatures
 from dfakd.training import checkpoint as ckpt
-from dfakd.training.loop import rng_state, set_rng_state
+from dfakd.training.loop import rng_state, set_rng_state, write_metrics_csv
 from dfakd.training.preemption import Preempted, stop_on_sigterm
 from dfakd.training.runtime import Progress, autocast, log
 
@@ -293,18 +293,19 @@ def run_search(job, searcher: Searcher, w_stream, b_stream) -> list[list[float]]
         raise DfakdError(f"search.batch_size {scfg['batch_size']} is larger than half the training set")
     trajectory: list[list[float]] = []  # [step, phase, group, alpha_0, alpha_1, ...]
     history: list[dict[str, float]] = []
+    metric_rows: list[dict[str, float]] = []  # what goes to MLflow per epoch (search_metrics.csv)
     start_epoch, start_step, partial = 0, 0, None
     state_path = job.run_dir / CHECKPOINT
     if state_path.is_file():
         state = ckpt.load(state_path, map_location=job.device)
         searcher.load_state_dict(state)
         start_epoch, start_step, partial = state["epoch"], state["step"], state["partial"]
-        trajectory, history = state["trajectory"], state["history"]
+        trajectory, history, metric_rows = state["trajectory"], state["history"], state["metric_rows"]
         set_rng_state(state["rng"])
         log(f"resuming search after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
 
     def save(epoch: int, step: int, partial: dict | None) -> None:
-        extra = {"trajectory": trajectory, "history": history, "rng": rng_state()}
+        extra = {"trajectory": trajectory, "history": history, "metric_rows": metric_rows, "rng": rng_state()}
         ckpt.atomic_save(
             {**searcher.state_dict(), "epoch": epoch, "step": step, "partial": partial, **extra}, state_path
         )
@@ -368,6 +369,8 @@ def run_search(job, searcher: Searcher, w_stream, b_stream) -> list[list[float]]
                 for i, p in enumerate(searcher.pairs):
                     for name, a in zip(p.teacher.names, F.softmax(bridge.betas[i], 0).tolist(), strict=True):
                         metrics[f"alpha.g{p.spatial}.{name}"] = a
+            metric_rows.append({"epoch": epoch + 1, **metrics})
+            write_metrics_csv(job.run_dir / "search_metrics.csv", metric_rows)
             job.tracker.log_metrics(metrics, step=epoch + 1)
             save(epoch + 1, 0, None)
             log(
@@ -387,8 +390,6 @@ def write_outputs(job, result: dict[str, Any], trajectory: list[list[float]], pa
     alpha_heatmap(result, run_dir / "alphas.png")
     alpha_trajectory_plot(run_dir / "alpha_trajectory.csv", run_dir / "alpha_trajectory.png")
     ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
-    names = ("config.yaml", RESULT, "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png")
-    job.tracker.log_artifacts([run_dir / n for n in names])
     job.tracker.finish()
 
 

@@ -272,20 +272,10 @@ def fit(
     return result
 
 
-def finish(job: Job, result: dict[str, Any], extra_artifacts: list[Path] | None = None) -> None:
-    """Write ``result.json`` (last: it marks the job finished) and log the run folder to MLflow."""
-    run_dir = job.run_dir
-    ckpt.atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2) + "\n")
-    job.tracker.log_metrics(
-        {
-            k: v
-            for k, v in result.items()
-            if k.endswith(("acc1", "acc5", "_loss")) and isinstance(v, (int, float))
-        },
-        step=int(result.get("epochs", 0)),
-    )
-    artifacts = [run_dir / n for n in ("config.yaml", "metrics.csv", RESULT)] + list(extra_artifacts or [])
-    job.tracker.log_artifacts(artifacts)
+def finish(job: Job, result: dict[str, Any]) -> None:
+    """Write ``result.json`` (last: it marks the job finished), then let the tracker send whatever the
+    MLflow run still lacks (final figures, result files as artifacts) and close it."""
+    ckpt.atomic_write_text(job.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
     job.tracker.finish()
     log(
         f"done: top-1 best {result['best_acc1']:.2f}%, last {result['last_acc1']:.2f}%"
