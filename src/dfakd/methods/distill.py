@@ -16,7 +16,7 @@ from torch import nn
 from dfakd import data, methods, models
 from dfakd.training.jobs import already_done, load_teacher, open_job, test_stream, train_stream
 from dfakd.training.loop import CHECKPOINT, finish, fit
-from dfakd.training.runtime import log, prepare_module
+from dfakd.training.runtime import log, prepare_module, setup
 
 
 class DistillStep(nn.Module):
@@ -50,47 +50,41 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         return done
     dcfg = cfg["distill"]
     names = methods.parse_method(dcfg["method"])
-    student_arch = cfg["model"]["arch"]
+    student_arch, method_tag = cfg["model"]["arch"], dcfg["method"]
+    device = setup(cfg)
+    channels_last = cfg["runtime"]["channels_last"]
     n_classes = data.num_classes(cfg["dataset"])
-    models.build(student_arch, n_classes)
     teacher, teacher_arch = load_teacher(cfg, n_classes) if names else (None, cfg["teacher"]["arch"] or "-")
-    method_tag = dcfg["method"]
-    job = open_job(
-        cfg,
-        run_dir,
-        "distill",
-        f"{method_tag}-{teacher_arch}-{student_arch}-s{cfg['seed']}",
-        {
-            "method": method_tag,
-            "teacher": teacher_arch,
-            "student": student_arch,
-            "pair": f"{teacher_arch}-{student_arch}",
-            "model": student_arch,
-        },
-    )
+    train_split = data.load_split(cfg["dataset"], "train")
+    train_batches, test_batches = train_stream(cfg, device, train_split), test_stream(cfg, device)
+    torch.manual_seed(cfg["seed"])
+    student = models.build(student_arch, n_classes)
+    parts = []
+    if names:
+        teacher = prepare_module(teacher, device, channels_last).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        context = methods.DistillContext(teacher_arch, dcfg["aggregation"])
+        parts = methods.build(names, teacher, student.to(device), dcfg["options"], context)
+    step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
+    pair = f"{teacher_arch}-{student_arch}"
+    tags = {
+        "method": method_tag,
+        "teacher": teacher_arch,
+        "student": student_arch,
+        "pair": pair,
+        "model": student_arch,
+    }
+    meta = {
+        "arch": student_arch,
+        "num_classes": n_classes,
+        "dataset": cfg["dataset"]["name"],
+        "seed": cfg["seed"],
+        "teacher": teacher_arch,
+        "method": method_tag,
+    }
+    job = open_job(cfg, run_dir, device, "distill", f"{method_tag}-{pair}-s{cfg['seed']}", tags, meta)
     try:
-        device = job.device
-        channels_last = cfg["runtime"]["channels_last"]
-        torch.manual_seed(cfg["seed"])
-        student = models.build(student_arch, n_classes)
-        parts = []
-        if names:
-            teacher = prepare_module(teacher, device, channels_last).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            context = methods.DistillContext(teacher_arch, dcfg["aggregation"])
-            parts = methods.build(names, teacher, student.to(device), dcfg["options"], context)
-        step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
-        job.meta = {
-            "arch": student_arch,
-            "num_classes": n_classes,
-            "dataset": cfg["dataset"]["name"],
-            "seed": cfg["seed"],
-            "teacher": teacher_arch,
-            "method": method_tag,
-        }
-        train_split = data.load_split(cfg["dataset"], "train")
-        train_batches, test_batches = train_stream(cfg, device, train_split), test_stream(cfg, device)
         if parts and not (run_dir / CHECKPOINT).is_file():
             unaugmented = data.BatchStream(
                 train_split,

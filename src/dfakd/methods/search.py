@@ -234,35 +234,36 @@ class Searcher:
 def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``dfakd search``: run stage 1 and write ``search.json`` and its plots."""
     from dfakd.training.jobs import load_teacher, open_job, train_stream
+    from dfakd.training.runtime import setup
 
     run_dir = Path(run_dir)
     if (run_dir / RESULT).is_file():
         log(f"{run_dir / RESULT} exists; nothing to do")
         return json.loads((run_dir / RESULT).read_text())
     student_arch = cfg["model"]["arch"]
+    device = setup(cfg)
     n_classes = data.num_classes(cfg["dataset"])
     teacher, teacher_arch = load_teacher(cfg, n_classes)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    full = data.load_split(cfg["dataset"], "train")
+    w_idx, b_idx = data.stratified_halves(full.labels, cfg["seed"])
+    search_cfg = {**cfg, "recipe": {**cfg["recipe"], "batch_size": cfg["search"]["batch_size"]}}
+    w_stream = train_stream(search_cfg, device, full.subset(w_idx))
+    b_stream = train_stream(search_cfg, device, full.subset(b_idx))
+    b_stream.stream_id = 1
+    torch.manual_seed(cfg["seed"])
+    searcher = Searcher(cfg, teacher, models.build(student_arch, n_classes).to(device), device)
     pair = f"{teacher_arch}-{student_arch}"
     tags = {"teacher": teacher_arch, "student": student_arch, "pair": pair, "method": "dfa"}
-    job = open_job(cfg, run_dir, "search", f"search-{pair}-s{cfg['seed']}", tags)
+    job = open_job(cfg, run_dir, device, "search", f"search-{pair}-s{cfg['seed']}", tags)
     try:
-        teacher = teacher.to(job.device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(cfg["seed"])
-        searcher = Searcher(cfg, teacher, models.build(student_arch, n_classes).to(job.device), job.device)
         shared = {p.spatial for p in searcher.pairs}
         skipped = [g.spatial for g in teacher.describe_groups() if g.spatial not in shared]
         log(f"searching groups at {sorted(shared, reverse=True)} px")
         if skipped:
             log(f"teacher groups at {skipped} px have no student group of that size and are left out")
-
-        full = data.load_split(cfg["dataset"], "train")
-        w_idx, b_idx = data.stratified_halves(full.labels, cfg["seed"])
-        search_cfg = {**cfg, "recipe": {**cfg["recipe"], "batch_size": cfg["search"]["batch_size"]}}
-        w_stream = train_stream(search_cfg, job.device, full.subset(w_idx))
-        b_stream = train_stream(search_cfg, job.device, full.subset(b_idx))
-        b_stream.stream_id = 1
         trajectory = run_search(job, searcher, w_stream, b_stream)
 
         result = {

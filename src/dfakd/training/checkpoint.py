@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / unsafe files
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
             raise DfakdError(
-                f"checkpoint {path} contains pickled Python objects, refused (only tensors and plain "
-                "containers are loaded, weights_only=True)"
+                f"checkpoint {path} contains pickled Python objects ({found.group(1)}), refused (only "
+                "tensors and plain containers are loaded, weights_only=True)"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
         raise DfakdError(f"checkpoint {path} is truncated or corrupt: {first}") from None

@@ -20,16 +20,22 @@ from dfakd.training.runtime import log, prepare_module, setup
 
 
 def open_job(
-    cfg: dict[str, Any], run_dir: str | Path, stage: str, run_name: str, tags: dict[str, Any]
+    cfg: dict[str, Any],
+    run_dir: str | Path,
+    device: torch.device,
+    stage: str,
+    run_name: str,
+    tags: dict[str, Any],
+    meta: dict[str, Any] | None = None,
 ) -> Job:
-    """Seed, pick the device, write ``config.yaml``, and open (or reopen) the job's MLflow run."""
+    """Write ``config.yaml`` and open (or reopen) the job's MLflow run. Called once every input has been
+    checked, so that a bad input leaves nothing behind in the results folder."""
     run_dir = Path(run_dir)
-    device = setup(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     base_tags = {"stage": stage, "dataset": cfg["dataset"]["name"], "seed": str(cfg["seed"])}
     tracker = Tracker(cfg, run_dir, run_name, {**base_tags, **{k: str(v) for k, v in tags.items()}})
-    return Job(cfg=cfg, run_dir=run_dir, device=device, tracker=tracker, meta={})
+    return Job(cfg=cfg, run_dir=run_dir, device=device, tracker=tracker, meta=meta or {})
 
 
 def train_stream(
@@ -80,24 +86,19 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         log(f"{run_dir} already finished (result.json present); nothing to do")
         return done
     arch = cfg["model"]["arch"]
+    device = setup(cfg)
     n_classes = data.num_classes(cfg["dataset"])
-    models.build(arch, n_classes)  # fail on a bad arch before anything is written
-    job = open_job(cfg, run_dir, "train", f"train-{arch}-s{cfg['seed']}", {"model": arch})
+    train_batches, test_batches = train_stream(cfg, device), test_stream(cfg, device)
+    torch.manual_seed(cfg["seed"])
+    model = prepare_module(models.build(arch, n_classes), device, cfg["runtime"]["channels_last"])
+    meta = {"arch": arch, "num_classes": n_classes, "dataset": cfg["dataset"]["name"], "seed": cfg["seed"]}
+
+    def step_loss(x, y, epoch):
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits, {}
+
+    job = open_job(cfg, run_dir, device, "train", f"train-{arch}-s{cfg['seed']}", {"model": arch}, meta)
     try:
-        train_batches, test_batches = train_stream(cfg, job.device), test_stream(cfg, job.device)
-        torch.manual_seed(cfg["seed"])
-        model = prepare_module(models.build(arch, n_classes), job.device, cfg["runtime"]["channels_last"])
-        job.meta = {
-            "arch": arch,
-            "num_classes": n_classes,
-            "dataset": cfg["dataset"]["name"],
-            "seed": cfg["seed"],
-        }
-
-        def step_loss(x, y, epoch):
-            logits = model(x)
-            return F.cross_entropy(logits, y), logits, {}
-
         log(f"training {arch} on {cfg['dataset']['name']} ({len(train_batches)} steps/epoch) on {job.device}")
         result = fit(job, model, model, step_loss, train_batches, test_batches)
         finish(job, result)
