@@ -21,9 +21,9 @@ SEARCH_SEEDS = config.get("search_seeds", [0])
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
-    teacher=r"[A-Za-z0-9_.]+",
-    student=r"[A-Za-z0-9_.]+",
-    method=r"[A-Za-z0-9_.+-]+",
+    teacher=r"[A-Za-z0-9_][A-Za-z0-9_.]*",
+    student=r"[A-Za-z0-9_][A-Za-z0-9_.]*",
+    method=r"[A-Za-z0-9_][A-Za-z0-9_.+-]*",
     mode=r"prune|argmax|topk|full|last|average|random",
     seed=r"[0-9]+",
     sseed=r"[0-9]+",
