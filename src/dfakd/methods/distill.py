@@ -55,8 +55,6 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     channels_last = cfg["runtime"]["channels_last"]
     n_classes = data.num_classes(cfg["dataset"])
     teacher, teacher_arch = load_teacher(cfg, n_classes) if names else (None, cfg["teacher"]["arch"] or "-")
-    train_split = data.load_split(cfg["dataset"], "train")
-    train_batches, test_batches = train_stream(cfg, device, train_split), test_stream(cfg, device)
     torch.manual_seed(cfg["seed"])
     student = models.build(student_arch, n_classes)
     parts = []
@@ -66,6 +64,8 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
             p.requires_grad_(False)
         context = methods.DistillContext(teacher_arch, dcfg["aggregation"])
         parts = methods.build(names, teacher, student.to(device), dcfg["options"], context)
+    train_split = data.load_split(cfg["dataset"], "train")
+    train_batches, test_batches = train_stream(cfg, device, train_split), test_stream(cfg, device)
     step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
     pair = f"{teacher_arch}-{student_arch}"
     tags = {
