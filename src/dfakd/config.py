@@ -74,8 +74,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "runtime": {
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "precision": "fp32",  # fp32 | bf16 (autocast)
-        "channels_last": False,
+        "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+        "channels_last": "auto",  # auto (on for CUDA) | true | false
         "compile": False,  # torch.compile the student (and teacher); compile time is reported separately
         "eval_batch_size": 512,
         "log_every": 50,  # steps between one-line progress messages when not on a terminal
@@ -107,6 +107,10 @@ _NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "teacher.checkpoint": (str,),
     "distill.aggregation": (str,),
 }
+
+
+# keys whose value may be of either type
+_UNION_TYPES: dict[str, tuple[type, ...]] = {"runtime.channels_last": (bool, str)}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -141,6 +145,11 @@ def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> d
             if value is not None and not isinstance(value, allowed_types):
                 names = " or ".join(t.__name__ for t in allowed_types)
                 raise DfakdError(f"config key '{dotted}' must be null or {names}, got {value!r}")
+            out[key] = value
+        elif dotted in _UNION_TYPES:
+            if not isinstance(value, _UNION_TYPES[dotted]):
+                names = " or ".join(t.__name__ for t in _UNION_TYPES[dotted])
+                raise DfakdError(f"config key '{dotted}' must be {names}, got {value!r}")
             out[key] = value
         else:
             if not _type_ok(value, default):
@@ -241,7 +250,12 @@ def validate(cfg: dict[str, Any]) -> None:
     _require(cfg["runtime"]["eval_batch_size"] >= 1, "runtime.eval_batch_size", "must be >= 1")
     _require(cfg["runtime"]["log_every"] >= 1, "runtime.log_every", "must be >= 1")
     _require(cfg["runtime"]["threads"] >= 0, "runtime.threads", "must be >= 0 (0 = torch's default)")
-    _one_of(cfg, "runtime.precision", ("fp32", "bf16"))
+    _one_of(cfg, "runtime.precision", ("auto", "fp32", "bf16"))
+    _require(
+        cfg["runtime"]["channels_last"] in (True, False, "auto"),
+        "runtime.channels_last",
+        f"must be true, false or auto; got {cfg['runtime']['channels_last']!r}",
+    )
     _one_of(cfg, "dataset.augment", ("auto", "crop_flip", "resized_crop_flip", "none"))
     _one_of(cfg, "dataset.pad_mode", ("constant", "reflect"))
     device = cfg["runtime"]["device"]

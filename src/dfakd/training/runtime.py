@@ -32,6 +32,8 @@ def select_device(requested: str) -> torch.device:
 
 
 def setup(cfg: dict[str, Any]) -> torch.device:
+    """Threads, determinism, seeds and the device; resolves ``auto`` precision and memory format in
+    ``cfg`` (so the saved ``config.yaml`` says what ran)."""
     runtime = cfg["runtime"]
     if runtime["threads"]:
         torch.set_num_threads(runtime["threads"])
@@ -41,7 +43,13 @@ def setup(cfg: dict[str, Any]) -> torch.device:
     else:
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
-    return select_device(runtime["device"])
+    device = select_device(runtime["device"])
+    # the fast paths are on by default where they are safe: bf16 autocast and channels-last on CUDA
+    if runtime["precision"] == "auto":
+        runtime["precision"] = "bf16" if device.type == "cuda" else "fp32"
+    if runtime["channels_last"] == "auto":
+        runtime["channels_last"] = device.type == "cuda"
+    return device
 
 
 def seed_everything(seed: int) -> None:
