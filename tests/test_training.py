@@ -354,7 +354,15 @@ def test_import_non_state_dict(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------------ help
 
-VERBS = ["prepare-data", "train", "evaluate", "import-teacher", "models"]
+VERBS = [
+    "prepare-data", "train", "evaluate", "import-teacher", "search", "derive", "distill", "summarize", "plot",
+    "tracking-init", "tracking-finish", "sync-mlflow", "models",
+]  # fmt: skip
+
+
+def test_the_verbs_are_exactly_these():
+    sub = next(a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(sub.choices) == sorted(VERBS)
 
 
 def test_top_level_help_lists_verbs(tmp_path: Path):
