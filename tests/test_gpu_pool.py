@@ -75,6 +75,12 @@ def test_no_pool_leaves_the_environment_alone(tmp_path):
     assert proc.stdout.split() == ["None", "False"]
 
 
+def test_a_job_that_asks_for_no_gpu_takes_none(tmp_path):
+    env = {**_env(tmp_path, 2), "DFAKD_JOB_GPUS": "0"}
+    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["None", "False"]
+
+
 def test_cli_training_verbs_claim_a_gpu(tmp_path):
     env = _env(tmp_path, 2)
     proc = subprocess.run(

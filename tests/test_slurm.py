@@ -106,7 +106,7 @@ def snakemake_cmd(experiment: str, results_dir: Path, slurm_logs: Path) -> list[
     return [
         sys.executable, "-m", "snakemake",
         "--workflow-profile", "workflow/profiles/slurm",
-        "--configfile", "tests/data/tiny_workflow.yaml",
+        "--configfile", "config/config.yaml", "tests/data/tiny_workflow.yaml",
         "--config", f"experiment={experiment}", f"results_dir={results_dir}",
         "--jobs", "2",
         "--retries", "0",

@@ -38,18 +38,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parent-run-file",
         metavar="JSON",
-        help="nest the MLflow run under the run in this file (from `dfakd tracking-init`), if it exists",
+        help="nest the MLflow run under the run in this file (from `dfakd tracking-init`), in its store",
     )
 
 
 def _load_cfg(args: argparse.Namespace) -> dict:
     from dfakd import config
 
-    overrides = list(args.overrides)
+    cfg = config.load(args.config, args.overrides, json_configs=args.config_json)
     if args.parent_run_file and Path(args.parent_run_file).is_file():
-        run_id = json.loads(Path(args.parent_run_file).read_text())["run_id"]
-        overrides.append(f"tracking.parent_run_id={run_id}")
-    return config.load(args.config, overrides, json_configs=args.config_json)
+        # the pipeline's parent run names the store every job of the invocation logs to
+        parent = json.loads(Path(args.parent_run_file).read_text())
+        cfg["tracking"]["parent_run_id"] = parent["run_id"]
+        cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent["uri"]
+    return cfg
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:

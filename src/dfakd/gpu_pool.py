@@ -2,7 +2,8 @@
 
 Snakemake limits how many GPU jobs run at once (``--resources gpu=N``) but does not say which GPU each
 job gets. With ``DFAKD_GPU_POOL=N`` in its environment (the workflow sets it from ``local_gpus``), a job
-takes the first free slot among N lock files (``flock``, released by the OS when the process ends,
+that asks for a GPU (``DFAKD_JOB_GPUS``, the rule's ``gpu`` resource, unset or > 0) takes the first free
+slot among N lock files (``flock``, released by the OS when the process ends,
 even on SIGKILL) and sets ``CUDA_VISIBLE_DEVICES`` to that GPU before CUDA is initialized. A
 ``CUDA_VISIBLE_DEVICES`` already set (e.g. by SLURM) lists the GPUs the pool draws from.
 """
@@ -23,7 +24,7 @@ def claim(environ: MutableMapping[str, str] | None = None, poll_s: float = 0.5) 
     """Claim a free GPU of the pool; returns the device id put in ``CUDA_VISIBLE_DEVICES`` (or None)."""
     environ = os.environ if environ is None else environ
     pool = int(environ.get("DFAKD_GPU_POOL", "0") or 0)
-    if pool <= 0:
+    if pool <= 0 or int(environ.get("DFAKD_JOB_GPUS", "1") or 0) <= 0:
         return None
     visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     devices = visible[:pool] if visible else [str(i) for i in range(pool)]

@@ -7,7 +7,7 @@ from pathlib import Path
 from dfakd import config as job_config_mod
 from dfakd import models as zoo
 from dfakd.errors import DfakdError
-from dfakd.methods import parse_method
+from dfakd.methods import METHODS, parse_method
 
 SEARCHED_MODES = ("prune", "argmax", "topk", "full")
 FIXED_MODES = ("last", "average", "random")
@@ -79,19 +79,20 @@ def resources_for(kind):
     }
 
 
-def gpu_env(kind):
-    """Local multi-GPU runs: each job takes its own GPU from a pool of config['local_gpus']."""
-    pool = config.get("local_gpus", 0)
-    return f"DFAKD_GPU_POOL={pool} " if pool and resources_for(kind)["gpu"] else ""
-
-
 def tracking_section():
     section = {"experiment": EXP, **config.get("tracking", {})}
     return section
 
 
-def job_config(kind, dataset, model, recipe=None, seed=0, extra=None):
-    """The job config (merged by `dfakd` over its defaults) of one rule instance."""
+# What does not change a job's result stays out of its params, so that changing it reruns nothing: the
+# thread count reaches a job through {threads}, its GPU count through {resources.gpu}, the local GPU
+# pool through {resources.gpu_pool}, the MLflow store through the parent run file.
+LOCAL_GPUS = config.get("local_gpus", 0)
+
+
+def job_config(dataset, model, recipe=None, seed=0, extra=None):
+    """The job config (merged by `dfakd` over its defaults) of one job (rule instance); only what decides
+    the job's result, since a change of it reruns the job."""
     cfg = json.loads(json.dumps(config.get("job", {})))
     cfg["seed"] = int(seed)
     cfg["results_dir"] = OUT
@@ -100,10 +101,7 @@ def job_config(kind, dataset, model, recipe=None, seed=0, extra=None):
     if recipe is not None:
         cfg["recipe"] = {**cfg.get("recipe", {}), **config["recipes"][recipe]}
     cfg["tracking"] = {**cfg.get("tracking", {}), **tracking_section()}
-    cfg["runtime"] = {
-        **cfg.get("runtime", {}),
-        "threads": resources_for(kind)["threads"],
-    }
+    cfg["tracking"].pop("uri", None)  # MLFLOW_TRACKING_URI, above
     for key, value in (extra or {}).items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
@@ -115,7 +113,7 @@ def as_json(cfg):
 
 def teacher_job(teacher):
     t = teacher_def(teacher)
-    return job_config("train", t["dataset"], t["arch"], t["recipe"], t.get("seed", 0))
+    return job_config(t["dataset"], t["arch"], t["recipe"], t.get("seed", 0))
 
 
 def search_job(dataset, teacher, student, sseed):
@@ -125,18 +123,18 @@ def search_job(dataset, teacher, student, sseed):
         "search": config.get("search", {}),
         "derive": config.get("derive", {}),
     }
-    return job_config(
-        "search",
-        dataset,
-        student,
-        pair_def(dataset, teacher, student)["recipe"],
-        sseed,
-        extra,
-    )
+    pair_def(dataset, teacher, student)  # the pair must exist
+    # no recipe: the search trains with search.* alone, so a student recipe change does not rerun it
+    return job_config(dataset, student, None, sseed, extra)
 
 
-def derive_job(dataset, teacher, student, sseed):
-    return search_job(dataset, teacher, student, sseed)
+def derive_job(dataset, teacher, student, sseed, mode):
+    """Searched modes: derive.* over search.json (an input: a new search reruns them). Fixed modes: the
+    teacher's architecture and the seed (for `random`) alone."""
+    extra = {"teacher": {"arch": teacher_def(teacher)["arch"]}}
+    if mode in SEARCHED_MODES:
+        extra["derive"] = config.get("derive", {})
+    return job_config(dataset, student, None, sseed, extra)
 
 
 def student_job(dataset, teacher, student, method, seed):
@@ -148,7 +146,7 @@ def student_job(dataset, teacher, student, method, seed):
     }
     extra = {"teacher": {"arch": teacher_def(teacher)["arch"]}, "distill": distill}
     recipe = m.get("recipe", pair_def(dataset, teacher, student)["recipe"])
-    return job_config("distill", dataset, student, recipe, seed, extra)
+    return job_config(dataset, student, recipe, seed, extra)
 
 
 # ---- paths ----------------------------------------------------------------------------------------
@@ -275,6 +273,13 @@ def check_config():
             kinds = parse_method(m["method"])
         except DfakdError as exc:
             fail(f"methods.{name}.method: {exc}")
+        for mname, opts in (m.get("options") or {}).items():
+            if mname not in METHODS:
+                fail(f"methods.{name}.options: options for unknown method {mname!r}")
+            try:
+                METHODS[mname].resolve_options(opts)
+            except DfakdError as exc:
+                fail(f"methods.{name}.options.{mname}: {exc}")
         if "dfa" in kinds and not (m.get("aggregation") or m.get("aggregation_file")):
             fail(
                 f"methods.{name}: dfa needs 'aggregation' (a derive mode) or 'aggregation_file'"

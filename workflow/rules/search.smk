@@ -32,15 +32,15 @@ rule search:
     threads: resources_for("search")["threads"]
     resources:
         gpu=resources_for("search")["gpu"],
+        gpu_pool=LOCAL_GPUS,
         mem_mb=resources_for("search")["mem_mb"],
         runtime=resources_for("search")["runtime"],
     params:
         job=lambda w: as_json(search_job(w.dataset, w.teacher, w.student, w.sseed)),
         run_dir=lambda w, output: os.path.dirname(output.search),
-        gpu=gpu_env("search"),
         parent=PARENT_RUN_ARG,
     shell:
-        "{params.gpu}dfakd search --config-json {params.job:q} {params.parent} --set teacher.checkpoint={input.teacher} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} {params.parent} --set teacher.checkpoint={input.teacher} "
         "-o {params.run_dir} > {log} 2>&1"
 
 
@@ -60,7 +60,9 @@ rule derive:
         mem_mb=2000,
         runtime=10,
     params:
-        job=lambda w: as_json(derive_job(w.dataset, w.teacher, w.student, w.sseed)),
+        job=lambda w: as_json(
+            derive_job(w.dataset, w.teacher, w.student, w.sseed, w.mode)
+        ),
         search=lambda w, input: f"--search {input.search}" if input.search else "",
     shell:
         "dfakd derive --config-json {params.job:q} --mode {wildcards.mode} {params.search} -o {output} > {log} 2>&1"

@@ -19,6 +19,7 @@ rule distill:
     threads: resources_for("distill")["threads"]
     resources:
         gpu=resources_for("distill")["gpu"],
+        gpu_pool=LOCAL_GPUS,
         mem_mb=resources_for("distill")["mem_mb"],
         runtime=resources_for("distill")["runtime"],
     params:
@@ -29,10 +30,9 @@ rule distill:
         aggregation=lambda w, input: (
             f"--aggregation {input.aggregation}" if input.aggregation else ""
         ),
-        gpu=gpu_env("distill"),
         parent=PARENT_RUN_ARG,
     shell:
-        "{params.gpu}dfakd distill --config-json {params.job:q} {params.parent} --teacher {input.teacher} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} {params.parent} --teacher {input.teacher} "
         "{params.aggregation} -o {params.run_dir} > {log} 2>&1"
 
 
@@ -51,11 +51,11 @@ rule evaluate_student:
     threads: resources_for("evaluate")["threads"]
     resources:
         gpu=resources_for("evaluate")["gpu"],
+        gpu_pool=LOCAL_GPUS,
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
-        job=lambda w: as_json(job_config("evaluate", w.dataset, w.student)),
-        gpu=gpu_env("evaluate"),
+        job=lambda w: as_json(job_config(w.dataset, w.student)),
     shell:
-        "{params.gpu}dfakd evaluate --config-json {params.job:q} --checkpoint {input.checkpoint} -o {output} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint} -o {output} "
         "> {log} 2>&1"

@@ -17,15 +17,15 @@ rule train_teacher:
     threads: resources_for("train")["threads"]
     resources:
         gpu=resources_for("train")["gpu"],
+        gpu_pool=LOCAL_GPUS,
         mem_mb=resources_for("train")["mem_mb"],
         runtime=resources_for("train")["runtime"],
     params:
         job=lambda w: as_json(teacher_job(w.teacher)),
         run_dir=lambda w, output: os.path.dirname(output.best),
-        gpu=gpu_env("train"),
         parent=PARENT_RUN_ARG,
     shell:
-        "{params.gpu}dfakd train --config-json {params.job:q} {params.parent} -o {params.run_dir} > {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} {params.parent} -o {params.run_dir} > {log} 2>&1"
 
 
 rule import_teacher:
@@ -73,13 +73,11 @@ rule evaluate_teacher:
     threads: resources_for("evaluate")["threads"]
     resources:
         gpu=resources_for("evaluate")["gpu"],
+        gpu_pool=LOCAL_GPUS,
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
-        job=lambda w: as_json(
-            job_config("evaluate", w.dataset, teacher_def(w.teacher)["arch"])
-        ),
-        gpu=gpu_env("evaluate"),
+        job=lambda w: as_json(job_config(w.dataset, teacher_def(w.teacher)["arch"])),
     shell:
-        "{params.gpu}dfakd evaluate --config-json {params.job:q} --checkpoint {input.checkpoint} -o {output} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint} -o {output} "
         "> {log} 2>&1"

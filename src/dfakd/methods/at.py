@@ -44,7 +44,7 @@ class AT(DistillMethod):
         self.p = float(self.options["p"])
         if not self.p > 0:
             raise DfakdError(
-                f"option 'p' of method 'at' (config key 'distill.methods.at.p') must be > 0, "
+                f"option 'p' of method 'at' (config key 'distill.options.at.p') must be > 0, "
                 f"got {self.options['p']!r}"
             )
         #: (teacher group index, student group index) of every pair of groups with one spatial size

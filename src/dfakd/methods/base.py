@@ -9,7 +9,7 @@ then asks each configured method for its loss terms::
 
 A method is an ``nn.Module``: its own trainable parts (connectors, regressors) are submodules and are
 optimized with the student; its fixed state (e.g. margins) are buffers, saved in the checkpoint.
-Options come from ``distill.methods.<name>`` in the config, checked against the class's ``DEFAULTS``.
+Options come from ``distill.options.<name>`` in the config, checked against the class's ``DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class DistillMethod(nn.Module):
         if unknown:
             raise DfakdError(
                 f"unknown option(s) {', '.join(unknown)} for method '{cls.name}' "
-                f"(config key 'distill.methods.{cls.name}'); allowed: {', '.join(cls.DEFAULTS)}"
+                f"(config key 'distill.options.{cls.name}'); allowed: {', '.join(cls.DEFAULTS)}"
             )
         return {**cls.DEFAULTS, **options}
 

@@ -72,7 +72,7 @@ class DKD(DistillMethod):
         ):
             if not ok:
                 raise DfakdError(
-                    f"option '{key}' of method 'dkd' (config key 'distill.methods.dkd.{key}') must be "
+                    f"option '{key}' of method 'dkd' (config key 'distill.options.dkd.{key}') must be "
                     f"{bound}, got {self.options[key]!r}"
                 )
 

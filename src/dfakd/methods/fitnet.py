@@ -40,7 +40,7 @@ class FitNet(DistillMethod):
         hint = self.options["hint_group"]
         if isinstance(hint, bool) or not isinstance(hint, int) or not -1 <= hint < len(pairs):
             raise DfakdError(
-                f"option 'hint_group' of method 'fitnet' (config key 'distill.methods.fitnet.hint_group') "
+                f"option 'hint_group' of method 'fitnet' (config key 'distill.options.fitnet.hint_group') "
                 f"must be -1 (the middle pair) or an integer in 0..{len(pairs) - 1} (the {len(pairs)} "
                 f"teacher/student group pairs of the same spatial size), got {hint!r}"
             )

@@ -45,7 +45,7 @@ class KD(DistillMethod):
         self.temperature = float(self.options["temperature"])
         if not self.temperature > 0:
             raise DfakdError(
-                f"option 'temperature' of method 'kd' (config key 'distill.methods.kd.temperature') "
+                f"option 'temperature' of method 'kd' (config key 'distill.options.kd.temperature') "
                 f"must be > 0, got {self.options['temperature']!r}"
             )
 

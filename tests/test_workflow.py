@@ -1,0 +1,479 @@
+"""The Snakemake workflow, driven by the real ``snakemake`` in a subprocess from the repository root.
+
+- Every shipped config plans (dry run) exactly the jobs its grid implies, counted rule by rule from the
+  config itself, without any data, checkpoint or earlier result present (``results_dir`` in tmp).
+- A config given with ``--configfile`` is the whole config (nothing of the demo leaks into it), and
+  config/README.md documents every key of the schema.
+- Invalid configs (schema and ``check_config``) stop the dry run with a message naming the key.
+- ``snakemake --lint`` and ``snakefmt --check`` are clean.
+- The tiny demo DAG runs for real once (module fixture); then: its outputs, the HTML report, the MLflow
+  runs nested under the pipeline's parent run, and what a dry run plans after a settings change (only
+  the jobs whose job config changed, through Snakemake's params rerun trigger, and their dependents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import cli_env
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "config/config.yaml"
+TINY = "tests/data/tiny_workflow.yaml"
+SHIPPED = [
+    DEMO,
+    "config/paper/cifar100.yaml",
+    "config/paper/cinic10.yaml",
+    "config/benchmarks/crd_cifar100.yaml",
+]
+SEARCHED_MODES = {"prune", "argmax", "topk", "full"}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict[str, str]:
+    env = cli_env()  # no ambient MLFLOW_* variables
+    # the rules call `dfakd`: the venv's entry point must be on PATH even when pytest runs unactivated
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *map(str, args)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """The first "Job stats" table of a Snakemake run as {rule: count}; {} when nothing is to be done."""
+    m = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal\s+(\d+)\n", text, re.S)
+    if m is None:
+        assert "Nothing to be done" in text, text[-3000:]
+        return {}
+    counts = {name: int(n) for name, n in (line.split() for line in m.group(1).splitlines())}
+    assert sum(counts.values()) == int(m.group(2))
+    return counts
+
+
+def planned_wildcards(text: str, rule: str) -> list[str]:
+    """The wildcards line of every planned job of ``rule`` in a dry run's output."""
+    blocks = re.findall(rf"^rule {rule}:\n(.*?)(?:\n\n|\Z)", text, re.S | re.M)
+    return [m.group(1) for b in blocks if (m := re.search(r"wildcards: (.*)", b))]
+
+
+def dry_run(*configfiles: str | Path, extra: tuple[str, ...] = ()) -> tuple[dict[str, int], str]:
+    proc = snakemake("-n", "--configfile", *configfiles, *extra)
+    text = output_of(proc)
+    assert proc.returncode == 0, text[-4000:]
+    return job_stats(text), text
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Snakemake's update_config: dicts merge recursively, everything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if nested else value
+    return out
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def expected_jobs(cfg: dict[str, Any]) -> dict[str, int]:
+    """Jobs per rule that the grid of ``cfg`` implies, from nothing on disk. Counted independently of
+    workflow/rules/common.smk: one teacher per teacher id that a pair names (trained or imported), one
+    search per (pair, search seed) that a searched aggregation needs, one derivation per distinct
+    aggregation file, one distillation and one evaluation per (pair, method, seed)."""
+    out = f"{cfg.get('results_dir', 'results')}/{cfg['experiment']}"
+    teachers, methods, seeds = cfg["teachers"], cfg["methods"], cfg["seeds"]
+    search_seeds = cfg.get("search_seeds", [0])
+
+    def search_seed(seed: int) -> int:
+        return search_seeds[seeds.index(seed) % len(search_seeds)]
+
+    students, aggregations, searches = [], set(), set()
+    for pair in cfg["pairs"]:
+        t, s = pair["teacher"], pair["student"]
+        ds = teachers[t]["dataset"]
+        names = pair.get("methods", list(methods))
+        for name in names:
+            m = methods[name]
+            for seed in seeds:
+                students.append((ds, t, s, name, seed))
+                if m.get("aggregation_file"):  # made by this workflow only if it lies under its derive/
+                    pattern = rf"{re.escape(out)}/aggregations/(\w+)/([\w.]+)/([\w.]+)/(\w+)-s(\d+)\.yaml"
+                    hit = re.fullmatch(pattern, m["aggregation_file"])
+                    if hit:
+                        a_ds, a_t, a_s, mode, a_seed = hit.groups()
+                        aggregations.add((a_ds, a_t, a_s, mode, int(a_seed)))
+                elif m.get("aggregation"):
+                    mode = m["aggregation"]
+                    aggregations.add((ds, t, s, mode, search_seed(seed) if mode in SEARCHED_MODES else seed))
+        if any(methods[n].get("aggregation") in SEARCHED_MODES for n in names):
+            searches |= {(ds, t, s, search_seed(seed)) for seed in seeds}
+    searches |= {(ds, t, s, seed) for ds, t, s, mode, seed in aggregations if mode in SEARCHED_MODES}
+
+    used = {p["teacher"] for p in cfg["pairs"]}
+    imported = {t for t in used if teachers[t].get("checkpoint")}
+    counts = {
+        "prepare_data": len({teachers[t]["dataset"] for t in used}),  # every teacher is evaluated on its data
+        "train_teacher": len(used - imported),
+        "import_teacher": len(imported),
+        "evaluate_teacher": len(used),
+        "search": len(searches),
+        "derive": len(aggregations),
+        "distill": len(students),
+        "evaluate_student": len(students),
+        "summary": 1,
+        "plots": 1,
+        "all": 1,
+    }
+    return {rule: n for rule, n in counts.items() if n}
+
+
+# ------------------------------------------------------------------------------ shipped configs plan
+
+
+def _demo(tmp_path: Path) -> tuple[list[Path], dict]:
+    over = write_yaml(tmp_path / "over.yaml", {"results_dir": str(tmp_path / "results")})
+    return [REPO / DEMO, over], merge(load(DEMO), load(over))
+
+
+def _paper(name: str) -> Callable[[Path], tuple[list[Path], dict]]:
+    def make(tmp_path: Path) -> tuple[list[Path], dict]:
+        cfg = load(name)
+        cfg["results_dir"] = str(tmp_path / "results")
+        for m in cfg["methods"].values():  # DFA-T files made by this workflow live under results_dir
+            if m.get("aggregation_file", "").startswith("results/"):
+                m["aggregation_file"] = f"{tmp_path}/results/{m['aggregation_file'][len('results/') :]}"
+        return [write_yaml(tmp_path / Path(name).name, cfg)], cfg
+
+    return make
+
+
+def _crd_imported(tmp_path: Path) -> tuple[list[Path], dict]:
+    """The CRD benchmark with its commented `checkpoint:` in use for one teacher (a placeholder file: a
+    dry run only needs it to exist)."""
+    files, cfg = _paper("config/benchmarks/crd_cifar100.yaml")(tmp_path)
+    ckpt = tmp_path / "teachers/crd/resnet32x4_vanilla/ckpt_epoch_240.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"placeholder")
+    cfg["teachers"]["resnet32x4"]["checkpoint"] = str(ckpt)
+    return [write_yaml(files[0], cfg)], cfg
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(_demo, id="demo"),
+        pytest.param(_paper("config/paper/cifar100.yaml"), id="paper-cifar100"),
+        pytest.param(_paper("config/paper/cinic10.yaml"), id="paper-cinic10"),
+        pytest.param(_paper("config/benchmarks/crd_cifar100.yaml"), id="crd-cifar100"),
+        pytest.param(_crd_imported, id="crd-cifar100-imported-teacher"),
+    ],
+)
+def test_dry_run_plans_the_grid(make: Callable, tmp_path: Path) -> None:
+    files, cfg = make(tmp_path)
+    counts, text = dry_run(*files)
+    assert counts == expected_jobs(cfg)
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_shipped_configs_are_covered() -> None:
+    """Every workflow config under config/ (one with `pairs:`; the others are `dfakd` job configs) is
+    planned by test_dry_run_plans_the_grid."""
+    found = [p for p in (REPO / "config").rglob("*.yaml") if "pairs" in (yaml.safe_load(p.read_text()) or {})]
+    assert sorted(str(p.relative_to(REPO)) for p in found) == sorted(SHIPPED)
+
+
+def test_paper_dfa_t_reads_the_cifar100_search(tmp_path: Path) -> None:
+    """DFA-T on CINIC-10 distills with the aggregation derived from the CIFAR-100 search of the same
+    architectures, which this workflow plans before it."""
+    files, _ = _paper("config/paper/cinic10.yaml")(tmp_path)
+    _, text = dry_run(*files, extra=("--printshellcmds",))
+    dfa_t = [line for line in text.splitlines() if "dfakd distill" in line and "/dfa_t_" in line]
+    assert len(dfa_t) == 9
+    assert all("--aggregation " in line and "/aggregations/cifar100/" in line for line in dfa_t)
+    assert all('"name": "cinic10"' in line for line in dfa_t)
+    assert {w for w in planned_wildcards(text, "search") if "dataset=cifar100" in w} == {
+        f"dataset=cifar100, teacher={t}, student={s}, sseed=0"
+        for t, s in [
+            ("shufflev2_2.0_c100", "ShuffleV2_1.0"),
+            ("shufflev2_2.0_c100", "ShuffleV2_0.5"),
+            ("shufflev2_1.0_c100", "ShuffleV2_0.5"),
+        ]
+    }
+
+
+def test_configfile_replaces_the_demo_config(tmp_path: Path) -> None:
+    """A config given with --configfile is the whole config: nothing of the demo (its mnist5k dataset,
+    its methods, its search settings) may leak into it."""
+    cfg = load("config/paper/cifar100.yaml")
+    cfg.update(experiment="only-ce", results_dir=str(tmp_path / "results"))
+    cfg["methods"] = {"ce": {"method": "vanilla"}}
+    for pair in cfg["pairs"]:
+        pair.pop("methods")
+    counts, text = dry_run(write_yaml(tmp_path / "c.yaml", cfg), extra=("--printshellcmds",))
+    assert counts == expected_jobs(cfg)  # 3 pairs x 1 method x 3 seeds, no search
+    assert {re.search(r"method=(\S+?),", w).group(1) for w in planned_wildcards(text, "distill")} == {"ce"}
+    assert "mnist5k" not in text
+
+
+def schema_keys(node: dict, root: dict) -> set[str]:
+    """Every property name of the workflow schema, nested ones included ($ref resolved)."""
+    if "$ref" in node:
+        node = root["$defs"][node["$ref"].split("/")[-1]]
+    keys = set(node.get("properties", {}))
+    children = [*node.get("properties", {}).values(), node.get("items")]
+    if isinstance(node.get("additionalProperties"), dict):
+        children.append(node["additionalProperties"])
+    for child in children:
+        if isinstance(child, dict):
+            keys |= schema_keys(child, root)
+    return keys
+
+
+def test_config_readme_documents_every_schema_key() -> None:
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    readme = (REPO / "config/README.md").read_text()
+    keys = schema_keys(schema, schema)
+    assert {"experiment", "pad_mode", "warmup_epochs", "sha256", "aggregation_file", "gpu"} <= keys
+    assert sorted(k for k in keys if f"`{k}`" not in readme) == []
+
+
+# -------------------------------------------------------------------------------- invalid configs
+
+
+def _valid(tmp_path: Path) -> dict[str, Any]:
+    """A complete, valid config (names unlike the demo's, so that nothing merges into them)."""
+    return {
+        "experiment": "bad",
+        "results_dir": str(tmp_path / "results"),
+        "datasets": {"c100": {"name": "cifar100", "root": str(tmp_path / "cifar")}},
+        "recipes": {"r": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
+        "teachers": {"t20": {"arch": "resnet20", "dataset": "c100", "recipe": "r"}},
+        "pairs": [{"teacher": "t20", "student": "resnet8", "recipe": "r"}],
+        "methods": {"ce": {"method": "vanilla"}, "dfa_p": {"method": "dfa", "aggregation": "prune"}},
+        "seeds": [0],
+        "search_seeds": [0],
+    }
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        *parents, last = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+
+    return mutate
+
+
+BAD_CONFIGS = [
+    ("unknown-top-level-key", _set("epochs_total", 3), r"'epochs_total' was unexpected"),
+    ("seeds-wrong-type", _set("seeds", "a"), r"'a' is not of type 'array'.*\['seeds'\]"),
+    ("unknown-recipe-key", _set("recipes.r.epochz", 3), r"'epochz' was unexpected.*\['recipes'\]\['r'\]"),
+    ("negative-epochs", _set("recipes.r.epochs", -1), r"minimum.*\['recipes'\]\['r'\]\['epochs'\]"),
+    ("unknown-dataset-name", _set("datasets.c100.name", "imagenet"), r"\['datasets'\]\['c100'\]\['name'\]"),
+    ("undefined-teacher", _set("pairs.0.teacher", "t56"), r"pairs\[0\]\.teacher: unknown teacher 't56'"),
+    ("unknown-method-of-pair", _set("pairs.0.methods", ["ce", "xx"]), r"pairs\[0\]\.methods: unknown method"),
+    ("unknown-method-kind", _set("methods.ce.method", "vanila"), r"methods\.ce\.method"),
+    ("unknown-student-arch", _set("pairs.0.student", "resnet9"), r"pairs\[0\]\.student: unknown model"),
+    ("unknown-teacher-arch", _set("teachers.t20.arch", "wrn_9_9x"), r"teachers\.t20\.arch: unknown model"),
+    ("teacher-unknown-dataset", _set("teachers.t20.dataset", "c10"), r"teachers\.t20\.dataset: unknown"),
+    ("dfa-without-aggregation", _set("methods.dfa_p", {"method": "dfa"}), r"methods\.dfa_p: dfa needs"),
+    ("unknown-search-key", _set("search", {"epochz": 1}), r"search\.epochz"),
+    ("negative-search-epochs", _set("search", {"epochs": -1}), r"search\.epochs"),
+    ("unknown-method-option", _set("methods.ce", {"method": "kd", "options": {"kd": {"temprature": 2}}}),
+     r"methods\.ce\.options\.kd: unknown option\(s\) temprature"),
+    ("teacher-id-traversal", _set("teachers", {"..": {"arch": "resnet20", "dataset": "c100", "recipe": "r"}}),
+     r"does not match"),
+]  # fmt: skip
+
+
+def test_valid_base_config_plans(tmp_path: Path) -> None:
+    cfg = _valid(tmp_path)
+    counts, _ = dry_run(write_yaml(tmp_path / "valid.yaml", cfg))
+    assert counts == expected_jobs(cfg)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_invalid_config_stops_the_dry_run(mutate: Callable, message: str, tmp_path: Path) -> None:
+    cfg = _valid(tmp_path)
+    mutate(cfg)
+    proc = snakemake("-n", "--configfile", write_yaml(tmp_path / "bad.yaml", cfg))
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert re.search(message, text, re.S), text[-3000:]
+    assert "Job stats" not in text
+
+
+# ----------------------------------------------------------------------------------- style checks
+
+
+def test_snakemake_lint_is_clean() -> None:
+    proc = snakemake("--lint")
+    text = output_of(proc)
+    assert proc.returncode == 0, text[-3000:]
+    assert "Congratulations" in text, text[-3000:]
+
+
+def test_snakefmt_check() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "workflow/"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- the tiny DAG, for real
+
+
+class TinyRun:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.overlay = write_yaml(
+            root / "overlay.yaml",
+            {
+                "results_dir": str(root / "results"),
+                "datasets": {"mnist5k": {"name": "mnist5k", "root": str(root / "mnist5k")}},
+            },
+        )
+        self.configfiles = [REPO / DEMO, REPO / TINY, self.overlay]
+        self.cfg = merge(merge(load(DEMO), load(TINY)), load(self.overlay))
+        self.out = root / "results" / self.cfg["experiment"]
+
+    def student_dirs(self) -> list[Path]:
+        dirs = []
+        for pair in self.cfg["pairs"]:
+            ds = self.cfg["teachers"][pair["teacher"]]["dataset"]
+            for method in pair.get("methods", list(self.cfg["methods"])):
+                for seed in self.cfg["seeds"]:
+                    pair_dir = self.out / "students" / ds / pair["teacher"] / pair["student"]
+                    dirs.append(pair_dir / method / f"s{seed}")
+        return dirs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    run = TinyRun(tmp_path_factory.mktemp("tiny_workflow"))
+    proc = snakemake("--cores", "2", "--configfile", *run.configfiles, timeout=900)
+    (run.root / "snakemake.log").write_text(output_of(proc))
+    assert proc.returncode == 0, output_of(proc)[-6000:]
+    return run
+
+
+@pytest.mark.slow
+def test_tiny_run_outputs(tiny_run: TinyRun) -> None:
+    out = tiny_run.out
+    for name in ("summary.csv", "summary.md", "plots/accuracy.png", "plots/learning_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    students = tiny_run.student_dirs()
+    assert len(students) == 4  # vanilla, kd, ofd, dfa x seed 0
+    for d in students:
+        result = json.loads((d / "result.json").read_text())
+        evaluation = json.loads((d / "eval.json").read_text())
+        assert 0 <= result["best_acc1"] <= 100 and 0 <= evaluation["top1"] <= 100
+    searches = list((out / "search").glob("*/*/*/s*"))
+    assert len(searches) == 1
+    for name in ("search.json", "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png"):
+        assert (searches[0] / name).stat().st_size > 0, name
+    md = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in md for m in tiny_run.cfg["methods"])
+
+
+@pytest.mark.slow
+def test_tiny_run_report(tiny_run: TinyRun) -> None:
+    report = tiny_run.root / "report.html"
+    proc = snakemake("--report", report, "--configfile", *tiny_run.configfiles)
+    assert proc.returncode == 0, output_of(proc)[-3000:]
+    html = report.read_text(errors="replace")
+    assert html.lstrip().lower().startswith("<!doctype html")
+    for name in ("accuracy.png", "learning_curves.png", "summary.md", "alphas.png"):
+        assert name in html, name
+
+
+@pytest.mark.slow
+def test_tiny_run_mlflow_runs_nested_under_the_pipeline_run(tiny_run: TinyRun) -> None:
+    from mlflow.tracking import MlflowClient
+
+    parent = json.loads((tiny_run.out / "mlflow_parent_run.json").read_text())
+    client = MlflowClient(tracking_uri=parent["uri"])
+    exp = client.get_experiment_by_name(tiny_run.cfg["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent_run = client.get_run(parent["run_id"])
+    assert parent_run.info.status == "FINISHED"
+    children = [r for r in runs if r.info.run_id != parent["run_id"]]
+    by_stage: dict[str, list] = {}
+    for r in children:
+        assert r.data.tags.get("mlflow.parentRunId") == parent["run_id"], r.info.run_name
+        assert r.info.status == "FINISHED", r.info.run_name
+        by_stage.setdefault(r.data.tags["stage"], []).append(r)
+    stages = ("train", "search", "distill")  # one run per job of train_teacher, search, distill
+    assert {k: len(by_stage.get(k, [])) for k in stages} == {"train": 1, "search": 1, "distill": 4}
+    seen = set()
+    for r in by_stage["distill"]:
+        tags = r.data.tags
+        assert tags["dataset"] == "mnist5k" and tags["pair"] == "resnet20-resnet8" and tags["seed"] == "0"
+        seen.add(tags["method"])
+    assert seen == set(tiny_run.cfg["methods"])
+
+
+@pytest.mark.slow
+def test_tiny_run_is_up_to_date(tiny_run: TinyRun) -> None:
+    counts, _ = dry_run(*tiny_run.configfiles)
+    assert counts == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "expected", "distilled"),
+    [
+        pytest.param(  # a student setting: only that student, its evaluation and what summarizes it
+            {"methods": {"kd": {"options": {"kd": {"temperature": 2}}}}},
+            {"distill": 1, "evaluate_student": 1, "summary": 1, "plots": 1, "all": 1},
+            {"kd"},
+            id="kd-temperature",
+        ),
+        pytest.param(  # a search setting: the search, its derivation and the DFA student only
+            {"search": {"beta_lr": 0.01}},
+            {"search": 1, "derive": 1, "distill": 1, "evaluate_student": 1}
+            | {"summary": 1, "plots": 1, "all": 1},
+            {"dfa"},
+            id="search-beta-lr",
+        ),
+    ],
+)
+def test_a_changed_setting_reruns_only_what_depends_on_it(
+    tiny_run: TinyRun, tmp_path: Path, change: dict, expected: dict, distilled: set
+) -> None:
+    counts, text = dry_run(*tiny_run.configfiles, write_yaml(tmp_path / "change.yaml", change))
+    assert counts == expected
+    assert {re.search(r"method=(\S+?),", w).group(1) for w in planned_wildcards(text, "distill")} == distilled
+    assert "params" in text.lower()  # the reason: Snakemake's params-change rerun trigger
