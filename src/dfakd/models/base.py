@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -88,3 +89,44 @@ class FeatureNet(nn.Module):
             GroupInfo(index=i, names=tuple(names), channels=int(t[-1].shape[1]), spatial=int(t[-1].shape[-1]))
             for i, (names, t) in enumerate(zip(self.group_names, feats.candidates, strict=True))
         ]
+
+
+class StagedNet(FeatureNet):
+    """A stem, stages of units that each return their *pre-activation* output, and a head, with a ReLU
+    between consecutive units (post-activation ResNets, ResNet50, ShuffleNet V1/V2). Subclasses define
+    ``_stem`` (pre-activation output), ``_stages`` (one ``nn.Sequential`` per group) and ``_head``
+    (applied to the activated output of the last unit)."""
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _stages(self) -> tuple[nn.Sequential, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run(
+        self, pre: torch.Tensor, start: int, candidates: list[list[torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Run the groups from ``start`` on a pre-activation input; collect each unit's pre-activation
+        output into ``candidates`` when given; return the activated output of the last unit."""
+        for stage in self._stages()[start:]:
+            group = []
+            for unit in stage:
+                pre = unit(F.relu(pre))
+                group.append(pre)
+            if candidates is not None:
+                candidates.append(group)
+        return F.relu(pre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self._run(self._stem(x), 0))
+
+    def forward_features(self, x: torch.Tensor) -> NetFeatures:
+        candidates: list[list[torch.Tensor]] = []
+        logits = self._head(self._run(self._stem(x), 0, candidates))
+        return NetFeatures(candidates=candidates, logits=logits)
+
+    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:
+        return self._head(self._run(h, group_index + 1))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, StagedNet
 
 __all__ = ["BasicBlock", "CifarResNet", "MODELS"]
 
@@ -60,7 +60,7 @@ class BasicBlock(nn.Module):
         return out
 
 
-class CifarResNet(FeatureNet):
+class CifarResNet(StagedNet):
     """CIFAR ResNet of depth ``6n + 2``; ``widths`` = (stem, layer1, layer2, layer3) channels."""
 
     def __init__(self, depth: int, widths: Sequence[int], num_classes: int) -> None:
@@ -94,29 +94,11 @@ class CifarResNet(FeatureNet):
     def _stages(self) -> tuple[nn.Sequential, ...]:
         return (self.layer1, self.layer2, self.layer3)
 
-    def _run_stage(self, stage: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
-        """Run one stage on the pre-activation ``h`` that precedes it; the pre-activation block outputs."""
-        outs = []
-        for block in stage:
-            h = block(F.relu(h))
-            outs.append(h)
-        return outs
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv1(x))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(global_avg_pool(F.relu(h)))
-
-    def forward_features(self, x: torch.Tensor) -> NetFeatures:
-        h = self.bn1(self.conv1(x))
-        candidates = []
-        for stage in self._stages():
-            candidates.append(self._run_stage(stage, h))
-            h = candidates[-1][-1]
-        return NetFeatures(candidates=candidates, logits=self._head(h))
-
-    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:
-        for stage in self._stages()[group_index + 1 :]:
-            h = self._run_stage(stage, h)[-1]
-        return self._head(h)
+        return self.fc(global_avg_pool(h))
 
 
 def _factory(depth: int, widths: tuple[int, int, int, int]) -> Callable[[int], CifarResNet]:

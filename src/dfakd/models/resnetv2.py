@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, StagedNet
 
 __all__ = ["Bottleneck", "ResNet", "MODELS"]
 
@@ -55,7 +55,7 @@ class Bottleneck(nn.Module):
         return out
 
 
-class ResNet(FeatureNet):
+class ResNet(StagedNet):
     """RepDistiller's CIFAR ResNet with bottleneck blocks; ``num_blocks`` per stage."""
 
     def __init__(self, num_blocks: Sequence[int], num_classes: int) -> None:
@@ -88,29 +88,11 @@ class ResNet(FeatureNet):
     def _stages(self) -> tuple[nn.Sequential, ...]:
         return (self.layer1, self.layer2, self.layer3, self.layer4)
 
-    def _run_stage(self, stage: nn.Sequential, h: torch.Tensor) -> list[torch.Tensor]:
-        """Run one stage on the pre-activation ``h`` that precedes it; the pre-activation block outputs."""
-        outs = []
-        for block in stage:
-            h = block(F.relu(h))
-            outs.append(h)
-        return outs
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv1(x))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.flatten(self.avgpool(F.relu(h)), 1))
-
-    def forward_features(self, x: torch.Tensor) -> NetFeatures:
-        h = self.bn1(self.conv1(x))
-        candidates = []
-        for stage in self._stages():
-            candidates.append(self._run_stage(stage, h))
-            h = candidates[-1][-1]
-        return NetFeatures(candidates=candidates, logits=self._head(h))
-
-    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:
-        for stage in self._stages()[group_index + 1 :]:
-            h = self._run_stage(stage, h)[-1]
-        return self._head(h)
+        return self.linear(torch.flatten(self.avgpool(h), 1))
 
 
 def ResNet50(num_classes: int) -> ResNet:  # RepDistiller's (and CRD's registry) name

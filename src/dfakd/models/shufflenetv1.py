@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, StagedNet
 
 __all__ = ["MODELS", "Bottleneck", "ShuffleNetV1", "channel_shuffle"]
 
@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
         return torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut
 
 
-class ShuffleNetV1(FeatureNet):
+class ShuffleNetV1(StagedNet):
     """RepDistiller's CIFAR ShuffleNet behind the feature interface; each stage is one layer group."""
 
     def __init__(
@@ -95,46 +95,17 @@ class ShuffleNetV1(FeatureNet):
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(out_channels[2], num_classes)
         self.group_names = [
-            [f"layer{i + 1}.{u}" for u in range(len(stage))] for i, stage in enumerate(self._stages)
+            [f"layer{i + 1}.{u}" for u in range(len(stage))] for i, stage in enumerate(self._stages())
         ]
 
-    @property
-    def _stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3]
-
-    def _run_groups(
-        self, h: torch.Tensor, start: int, candidates: list[list[torch.Tensor]] | None = None
-    ) -> torch.Tensor:
-        """Run groups ``start..`` on the (activated) input ``h``; return the last group's activated output.
-
-        Appends each group's pre-activation candidates to ``candidates`` if given.
-        """
-        for stage in self._stages[start:]:
-            if candidates is not None:
-                candidates.append([])
-            for unit in stage:
-                pre = unit(h)
-                if candidates is not None:
-                    candidates[-1].append(pre)
-                h = F.relu(pre)
-        return h
+    def _stages(self) -> tuple[nn.Sequential, ...]:
+        return (self.layer1, self.layer2, self.layer3)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(F.avg_pool2d(h, 4).flatten(1))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn1(self.conv1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._head(self._run_groups(self._stem(x), 0))
-
-    def forward_features(self, x: torch.Tensor) -> NetFeatures:
-        candidates: list[list[torch.Tensor]] = []
-        logits = self._head(self._run_groups(self._stem(x), 0, candidates))
-        return NetFeatures(candidates=candidates, logits=logits)
-
-    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:
-        return self._head(self._run_groups(F.relu(h), group_index + 1))
+        return self.bn1(self.conv1(x))
 
 
 def shuffle_v1(num_classes: int) -> ShuffleNetV1:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, StagedNet
 from dfakd.models.shufflenetv1 import channel_shuffle
 
 __all__ = ["CONFIGS", "MODELS", "BasicUnit", "DownUnit", "ShuffleNetV2", "shuffle_v2"]
@@ -102,7 +102,7 @@ class DownUnit(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(FeatureNet):
+class ShuffleNetV2(StagedNet):
     """RepDistiller's CIFAR ShuffleNetV2 behind the feature interface; each stage is one layer group."""
 
     def __init__(self, net_size: float = 1, num_classes: int = 100) -> None:
@@ -126,47 +126,18 @@ class ShuffleNetV2(FeatureNet):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.group_names = [
-            [f"layer{i + 1}.{u}" for u in range(len(stage))] for i, stage in enumerate(self._stages)
+            [f"layer{i + 1}.{u}" for u in range(len(stage))] for i, stage in enumerate(self._stages())
         ]
 
-    @property
-    def _stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3]
-
-    def _run_groups(
-        self, h: torch.Tensor, start: int, candidates: list[list[torch.Tensor]] | None = None
-    ) -> torch.Tensor:
-        """Run groups ``start..`` on the (activated) input ``h``; return the last group's activated output.
-
-        Appends each group's pre-activation candidates to ``candidates`` if given.
-        """
-        for stage in self._stages[start:]:
-            if candidates is not None:
-                candidates.append([])
-            for unit in stage:
-                pre = unit(h)
-                if candidates is not None:
-                    candidates[-1].append(pre)
-                h = F.relu(pre)
-        return h
+    def _stages(self) -> tuple[nn.Sequential, ...]:
+        return (self.layer1, self.layer2, self.layer3)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn2(self.conv2(h)))
         return self.linear(F.avg_pool2d(h, 4).flatten(1))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn1(self.conv1(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._head(self._run_groups(self._stem(x), 0))
-
-    def forward_features(self, x: torch.Tensor) -> NetFeatures:
-        candidates: list[list[torch.Tensor]] = []
-        logits = self._head(self._run_groups(self._stem(x), 0, candidates))
-        return NetFeatures(candidates=candidates, logits=logits)
-
-    def forward_from(self, group_index: int, h: torch.Tensor) -> torch.Tensor:
-        return self._head(self._run_groups(F.relu(h), group_index + 1))
+        return self.bn1(self.conv1(x))
 
 
 def shuffle_v2(num_classes: int, net_size: float = 1) -> ShuffleNetV2:
