@@ -44,6 +44,11 @@ rule search:
         "-o {params.run_dir} > {log} 2>&1"
 
 
+# deriving an aggregation reads one JSON and writes one YAML: not worth a cluster job
+localrules:
+    derive,
+
+
 rule derive:
     input:
         search=derive_search_input,

@@ -123,4 +123,5 @@ class BatchStream:
         elif self.augment == "resized_crop_flip":
             images = resized_crop_flip(images, gen)
         x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # crop_flip gathers in NHWC: without this, channels_last false would still give channels-last batches
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

@@ -185,15 +185,17 @@ def check_against(agg: Aggregation, teacher_arch: str, teacher: FeatureNet, pair
             )
 
 
-def aggregate(candidates: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def aggregate(candidates: Sequence[torch.Tensor], weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
     """A = sum_j w_j T^j over the candidates whose fixed weight is non-zero (a weight of exactly 1 on one
-    layer returns that layer's tensor unchanged)."""
-    chosen = [j for j in range(len(candidates)) if float(weights[j]) != 0.0]
-    if len(chosen) == 1 and float(weights[chosen[0]]) == 1.0:
+    layer returns that layer's tensor unchanged). In a training step pass the weights as Python floats:
+    reading a CUDA tensor's values waits for the GPU."""
+    w = weights.tolist() if isinstance(weights, torch.Tensor) else [float(v) for v in weights]
+    chosen = [j for j, v in enumerate(w) if v != 0.0]
+    if len(chosen) == 1 and w[chosen[0]] == 1.0:
         return candidates[chosen[0]]
-    out = candidates[chosen[0]] * weights[chosen[0]]
+    out = candidates[chosen[0]] * w[chosen[0]]
     for j in chosen[1:]:
-        out = out + candidates[j] * weights[j]
+        out = out.add(candidates[j], alpha=w[j])
     return out
 
 

@@ -90,9 +90,11 @@ class AggregatedFeatureDistill(DistillMethod):
         for i, p in enumerate(self.pairs):
             self.register_buffer(f"weights_{i}", aggregation.weight_vector(p.teacher.names, p.spatial))
             self.register_buffer(f"margin_{i}", torch.zeros(p.teacher.channels))
+        # the same fixed weights as Python floats: a training step reads them without a device sync
+        self.weight_lists = [getattr(self, f"weights_{i}").tolist() for i in range(len(self.pairs))]
 
     def target(self, t: NetFeatures, i: int) -> torch.Tensor:
-        return agg_mod.aggregate(t.candidates[self.pairs[i].teacher.index], getattr(self, f"weights_{i}"))
+        return agg_mod.aggregate(t.candidates[self.pairs[i].teacher.index], self.weight_lists[i])
 
     @torch.no_grad()
     def prepare(self, teacher: FeatureNet, batches) -> None:

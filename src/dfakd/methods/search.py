@@ -234,7 +234,7 @@ class Searcher:
 def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``dfakd search``: run stage 1 and write ``search.json`` and its plots."""
     from dfakd.training.jobs import load_teacher, open_job, train_stream
-    from dfakd.training.runtime import setup
+    from dfakd.training.runtime import prepare_module, setup
 
     run_dir = Path(run_dir)
     if (run_dir / RESULT).is_file():
@@ -244,7 +244,8 @@ def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     device = setup(cfg)
     n_classes = data.num_classes(cfg["dataset"])
     teacher, teacher_arch = load_teacher(cfg, n_classes)
-    teacher = teacher.to(device).eval()
+    channels_last = cfg["runtime"]["channels_last"]
+    teacher = prepare_module(teacher, device, channels_last).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     full = data.load_split(cfg["dataset"], "train")
@@ -254,7 +255,8 @@ def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     b_stream = train_stream(search_cfg, device, full.subset(b_idx))
     b_stream.stream_id = 1
     torch.manual_seed(cfg["seed"])
-    searcher = Searcher(cfg, teacher, models.build(student_arch, n_classes).to(device), device)
+    student = prepare_module(models.build(student_arch, n_classes), device, channels_last)
+    searcher = Searcher(cfg, teacher, student, device)
     pair = f"{teacher_arch}-{student_arch}"
     tags = {"teacher": teacher_arch, "student": student_arch, "pair": pair, "method": "dfa"}
     job = open_job(cfg, run_dir, device, "search", f"search-{pair}-s{cfg['seed']}", tags)

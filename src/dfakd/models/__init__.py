@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from dfakd.errors import DfakdError
 from dfakd.models import mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
-from dfakd.models.base import FeatureNet, GroupInfo, NetFeatures
+from dfakd.models.base import FeatureNet, Fp32Linear, GroupInfo, NetFeatures
 
 __all__ = ["FeatureNet", "GroupInfo", "NetFeatures", "build", "available", "is_available"]
 
@@ -38,9 +40,14 @@ def build(name: str, num_classes: int) -> FeatureNet:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise DfakdError(f"num_classes must be a positive integer, got {num_classes!r}")
     factory = _registry().get(name)
-    if factory is not None:
-        return factory(num_classes)
     wrn_spec = wrn.parse_name(name)
-    if wrn_spec is not None:
-        return wrn.WideResNet(depth=wrn_spec[0], widen_factor=wrn_spec[1], num_classes=num_classes)
-    raise DfakdError(f"unknown model {name!r}; available: {', '.join(available())} (and wrn_D_W)")
+    if factory is not None:
+        model = factory(num_classes)
+    elif wrn_spec is not None:
+        model = wrn.WideResNet(depth=wrn_spec[0], widen_factor=wrn_spec[1], num_classes=num_classes)
+    else:
+        raise DfakdError(f"unknown model {name!r}; available: {', '.join(available())} (and wrn_D_W)")
+    for module in model.modules():  # the zoo's only Linear layers are its classifiers
+        if type(module) is nn.Linear:
+            module.__class__ = Fp32Linear
+    return model

@@ -52,6 +52,16 @@ class GroupInfo:
         return self.names[-1]
 
 
+class Fp32Linear(nn.Linear):
+    """The classifier, computed in fp32 even under bf16 autocast: the logits feed softmax-based losses
+    (CE, KD, DKD), and bf16-rounded logits move a KL term by up to 15% (docs/BENCHMARKS.md). Same
+    parameters and state_dict as ``nn.Linear``; the cost is one small matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 class FeatureNet(nn.Module):
     """Base class of the zoo. Subclasses set ``group_names`` and implement the three forwards."""
 
