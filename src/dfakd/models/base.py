@@ -19,6 +19,7 @@ apply an in-place activation to a tensor they return as a feature.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,34 @@ class Fp32Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
+
+
+def init_kaiming_fan_out(model: nn.Module) -> None:
+    """RepDistiller's ResNet init: He-normal (fan-out) convs, BN weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def init_normal_fan_out(model: nn.Module, linear_std: float | None) -> None:
+    """RepDistiller's VGG / MobileNetV2 / WRN init: convs N(0, 2 / fan_out) with zero bias, BN weight 1
+    and bias 0, classifier bias 0 and weight N(0, linear_std) (left at PyTorch's default if None)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
 
 
 class FeatureNet(nn.Module):

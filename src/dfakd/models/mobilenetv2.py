@@ -21,13 +21,12 @@ State_dict layout (``blocks.s.b`` = block ``b`` of stage ``s``)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, NetFeatures, init_normal_fan_out
 
 __all__ = ["MODELS", "InvertedResidual", "MobileNetV2", "mobile_half"]
 
@@ -114,22 +113,7 @@ class MobileNetV2(FeatureNet):
             [f"blocks.{stages[-1]}.{b}" for b in range(len(self.blocks[stages[-1]]))]
             for stages in self._group_stages
         ]
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        """RepDistiller's init: He-normal (fan-out) convs, unit BN, N(0, 0.01) classifier."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self, linear_std=0.01)
 
     def _run_groups(
         self, h: torch.Tensor, start: int, candidates: list[list[torch.Tensor]] | None = None

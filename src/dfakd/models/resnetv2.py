@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, StagedNet
+from dfakd.models.base import FeatureNet, StagedNet, init_kaiming_fan_out
 
 __all__ = ["Bottleneck", "ResNet", "MODELS"]
 
@@ -72,12 +72,7 @@ class ResNet(StagedNet):
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
         self.group_names = [[f"layer{i + 1}.{j}" for j in range(n)] for i, n in enumerate(num_blocks)]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_kaiming_fan_out(self)
 
     @staticmethod
     def _make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -17,7 +17,6 @@ are not in place, so these tensors survive.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfakd.errors import DfakdError
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, NetFeatures, init_normal_fan_out
 
 __all__ = ["VGG", "MODELS"]
 
@@ -76,17 +75,7 @@ class VGG(FeatureNet):
             [f"block{b}.{3 * j + 1}" for b in blocks for j in range(len(config[b]))] for blocks in _GROUPS
         ]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self, linear_std=0.01)
 
     def _blocks(self) -> tuple[nn.Sequential, ...]:
         return (self.block0, self.block1, self.block2, self.block3, self.block4)

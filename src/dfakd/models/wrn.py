@@ -17,7 +17,6 @@ block's output. The network computes that BN once and hands it to the next block
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfakd.models.base import FeatureNet, NetFeatures
+from dfakd.models.base import FeatureNet, NetFeatures, init_normal_fan_out
 from dfakd.models.resnet import global_avg_pool
 
 __all__ = ["BasicBlock", "NetworkBlock", "WideResNet", "parse_name", "MODELS"]
@@ -107,15 +106,7 @@ class WideResNet(FeatureNet):
             [f"{stage}.layer.{j}" for j in range(n)] for stage in ("block1", "block2", "block3")
         ]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_normal_fan_out(self, linear_std=None)
 
     def _stages(self) -> tuple[nn.Sequential, ...]:
         return (self.block1.layer, self.block2.layer, self.block3.layer)
