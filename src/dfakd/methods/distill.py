@@ -46,7 +46,6 @@ def distill(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     done = already_done(run_dir)
     if done is not None:
-        log(f"{run_dir} already finished (result.json present); nothing to do")
         return done
     dcfg = cfg["distill"]
     names = methods.parse_method(dcfg["method"])

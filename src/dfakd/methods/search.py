@@ -233,13 +233,13 @@ class Searcher:
 
 def search(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``dfakd search``: run stage 1 and write ``search.json`` and its plots."""
-    from dfakd.training.jobs import load_teacher, open_job, train_stream
+    from dfakd.training.jobs import already_done, load_teacher, open_job, train_stream
     from dfakd.training.runtime import prepare_module, setup
 
     run_dir = Path(run_dir)
-    if (run_dir / RESULT).is_file():
-        log(f"{run_dir / RESULT} exists; nothing to do")
-        return json.loads((run_dir / RESULT).read_text())
+    done = already_done(run_dir, RESULT)
+    if done is not None:
+        return done
     student_arch = cfg["model"]["arch"]
     device = setup(cfg)
     n_classes = data.num_classes(cfg["dataset"])

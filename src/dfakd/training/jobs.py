@@ -73,9 +73,13 @@ def test_stream(cfg: dict[str, Any], device: torch.device) -> data.BatchStream:
     )
 
 
-def already_done(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+def already_done(run_dir: Path, result_name: str = RESULT) -> dict[str, Any] | None:
+    """The result of a job that finished (its result file exists), else None: rerunning is a no-op."""
+    path = run_dir / result_name
+    if not path.is_file():
+        return None
+    log(f"{run_dir} already finished ({result_name} present); nothing to do")
+    return json.loads(path.read_text())
 
 
 def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
@@ -83,7 +87,6 @@ def train(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     done = already_done(run_dir)
     if done is not None:
-        log(f"{run_dir} already finished (result.json present); nothing to do")
         return done
     arch = cfg["model"]["arch"]
     device = setup(cfg)
