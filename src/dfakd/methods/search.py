@@ -177,10 +177,9 @@ class Searcher:
             terms = self.bridge.bridge(self.student, s, t, y, list(range(len(self.pairs))), detach_alpha=True)
             ce = F.cross_entropy(s.logits.float(), y)
             loss = ce + weighted_bridge(terms, self.scfg)
-        if torch.isfinite(loss):
-            self.w_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.w_opt.step()
+        self.w_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.w_opt.step()
         return {"w_loss": loss.detach(), "ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     def beta_step(self, x: torch.Tensor, y: torch.Tensor, groups: list[int]) -> torch.Tensor:
@@ -193,13 +192,12 @@ class Searcher:
             if self.scfg["regularizer"] != "none":
                 reg = self.bridge.regularizer(self.scfg["regularizer"], groups)
                 loss = loss + self.scfg["regularizer_weight"] * reg
-        if torch.isfinite(loss):
-            active = [self.bridge.betas[i] for i in groups]
-            grads = torch.autograd.grad(loss, active)
-            self.beta_opt.zero_grad(set_to_none=True)
-            for beta, grad in zip(active, grads, strict=True):
-                beta.grad = grad
-            self.beta_opt.step()
+        active = [self.bridge.betas[i] for i in groups]
+        grads = torch.autograd.grad(loss, active)
+        self.beta_opt.zero_grad(set_to_none=True)
+        for beta, grad in zip(active, grads, strict=True):
+            beta.grad = grad
+        self.beta_opt.step()
         return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
