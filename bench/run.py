@@ -57,8 +57,8 @@ from dfakd import config, data, methods, models
 from dfakd.data.datasets import ImageSplit
 from dfakd.methods import aggregation as agg_mod
 from dfakd.methods.base import DistillMethod, match_groups
+from dfakd.methods.bridge import Searcher
 from dfakd.methods.distill import DistillStep
-from dfakd.methods.search import Searcher
 from dfakd.training import loop
 from dfakd.training.runtime import autocast, prepare_module, setup
 from dfakd.training.schedule import sgd

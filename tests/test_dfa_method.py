@@ -24,13 +24,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dfakd import cli, config, data, models
+from dfakd.jobs import search as search_job
+from dfakd.jobs.common import test_stream
 from dfakd.methods import aggregation
-from dfakd.methods import search as search_mod
 from dfakd.methods.base import DistillContext, match_groups
+from dfakd.methods.bridge import BridgeSearch, frozen_batchnorm_stats
 from dfakd.methods.ofd import DFA, OFD
-from dfakd.methods.search import BridgeSearch, frozen_batchnorm_stats
 from dfakd.models import FeatureNet, GroupInfo, NetFeatures
-from dfakd.training import jobs
 from dfakd.training.loop import evaluate
 
 T_ARCH, S_ARCH = "resnet20", "resnet8"
@@ -223,7 +223,7 @@ def test_search_loop_beta_step_changes_no_weight_and_weight_step_no_beta(tmp_pat
 
     handle = register_optimizer_step_post_hook(post_step)
     try:
-        search_mod.search(cfg, tmp_path / "run")
+        search_job(cfg, tmp_path / "run")
     finally:
         handle.remove()
 
@@ -679,5 +679,5 @@ def test_search_derive_distill_end_to_end(tmp_path: Path):
     full_cfg = config.load([cfg_path])
     torch.manual_seed(full_cfg["seed"])
     init = models.build(S_ARCH, data.num_classes(full_cfg["dataset"]))
-    init_top1 = evaluate(init, jobs.test_stream(full_cfg, torch.device("cpu")))["top1"]
+    init_top1 = evaluate(init, test_stream(full_cfg, torch.device("cpu")))["top1"]
     assert distilled["last_acc1"] > init_top1, (distilled["last_acc1"], init_top1)

@@ -39,7 +39,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from dfakd.training.checkpoint import atomic_save
+    from dfakd.files import atomic_save
     target = sys.argv[1]
     for version in range(1_000_000):
         atomic_save({"version": version, "payload": torch.full((4_000_000,), float(version))}, target)

@@ -17,8 +17,8 @@ from dfakd.data.datasets import ImageSplit
 from dfakd.data.stream import epoch_generator
 from dfakd.methods import aggregation as agg_mod
 from dfakd.methods.base import match_groups
+from dfakd.methods.bridge import Searcher
 from dfakd.methods.distill import DistillStep
-from dfakd.methods.search import Searcher
 from dfakd.training.loop import evaluate
 from dfakd.training.runtime import autocast, prepare_module
 

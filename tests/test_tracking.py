@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import FolderFiles, tiny_config, write_config
 
-from dfakd import config
+from dfakd import config, jobs
 from dfakd.errors import DfakdError
 from dfakd.tracking import RUN_FILE, ensure_experiment, tracking_uri
-from dfakd.training import jobs
 
 pytestmark = pytest.mark.slow
 

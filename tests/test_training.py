@@ -72,7 +72,7 @@ def test_train_writes_results(trained: Trained):
 
     # config.yaml is the fully resolved config, with `auto` runtime settings resolved for the device
     expected = config.load([trained.cfg_path])
-    expected["runtime"].update(precision="fp32", channels_last=False)  # auto, on the CPU
+    expected["runtime"].update(precision="fp32", channels_last=False, finite_check_every=1)  # auto, on CPU
     assert yaml.safe_load((run / "config.yaml").read_text()) == expected
 
     rows = _csv(run / "metrics.csv")

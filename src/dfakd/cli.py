@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from dfakd import __version__
 from dfakd.errors import DfakdError
+
+#: set to 1 to see the traceback of an unexpected error instead of its one-line summary
+DEBUG_ENV = "DFAKD_DEBUG"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,13 +46,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_retrain_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train afresh even if the run folder holds a finished run (set aside under superseded/)",
+    )
+
+
 def _load_cfg(args: argparse.Namespace) -> dict:
     from dfakd import config
+    from dfakd.files import read_json
 
     cfg = config.load(args.config, args.overrides, json_configs=args.config_json)
     if args.parent_run_file and Path(args.parent_run_file).is_file():
         # the pipeline's parent run names the store every job of the invocation logs to
-        parent = json.loads(Path(args.parent_run_file).read_text())
+        parent = read_json(args.parent_run_file, "parent run file")
         cfg["tracking"]["parent_run_id"] = parent["run_id"]
         cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent["uri"]
     return cfg
@@ -70,15 +83,15 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dfakd.training import jobs
+    from dfakd import jobs
 
-    result = jobs.train(_load_cfg(args), args.out)
+    result = jobs.train(_load_cfg(args), args.out, args.retrain)
     print(json.dumps({k: result[k] for k in ("arch", "best_acc1", "last_acc1", "best_epoch")}))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dfakd.training import jobs
+    from dfakd import jobs
 
     result = jobs.evaluate_checkpoint(_load_cfg(args), args.checkpoint, args.out)
     print(
@@ -89,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_import_teacher(args: argparse.Namespace) -> int:
-    from dfakd.training import jobs
+    from dfakd import jobs
 
     info = jobs.import_teacher(args.checkpoint, args.arch, args.num_classes, args.out, args.sha256)
     print(f"imported {info['arch']} ({info['parameters']:,} parameters) -> {info['out']}")
@@ -97,9 +110,9 @@ def cmd_import_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dfakd.methods.search import search
+    from dfakd.jobs import search
 
-    result = search(_load_cfg(args), args.out)
+    result = search(_load_cfg(args), args.out, args.retrain)
     for g in result["groups"]:
         print(
             f"{g['spatial']}px: "
@@ -109,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    from dfakd.methods.aggregation import derive
+    from dfakd.jobs import derive
 
     if args.mode:
         args.overrides.append(f"derive.mode={args.mode}")
@@ -121,7 +134,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from dfakd.methods.distill import distill
+    from dfakd.jobs import distill
 
     if args.method:
         args.overrides.append(f"distill.method={args.method}")
@@ -129,7 +142,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         args.overrides.append(f"distill.aggregation={args.aggregation}")
     if args.teacher:
         args.overrides.append(f"teacher.checkpoint={args.teacher}")
-    result = distill(_load_cfg(args), args.out)
+    result = distill(_load_cfg(args), args.out, args.retrain)
     print(json.dumps({k: result[k] for k in ("arch", "method", "best_acc1", "last_acc1", "best_epoch")}))
     return 0
 
@@ -234,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with cross-entropy (teacher, vanilla student)")
     _add_config_args(p)
     p.add_argument("-o", "--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    _add_retrain_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="top-1/top-5/loss of a saved model on the test split")
@@ -255,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="stage 1: differentiable aggregation search with the bridge loss")
     _add_config_args(p)
     p.add_argument("-o", "--out", required=True, help="run folder (search.json, alpha trajectory, plots)")
+    _add_retrain_arg(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("derive", help="search result -> discrete aggregation file (or a fixed baseline)")
@@ -270,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", help="aggregation file for dfa (distill.aggregation)")
     p.add_argument("--teacher", help="teacher checkpoint (teacher.checkpoint)")
     p.add_argument("-o", "--out", required=True, help="run folder (resumes from its checkpoint.pt)")
+    _add_retrain_arg(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("summarize", help="summary.csv / summary.md over students' result.json files")
@@ -342,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dfakd {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last resort: one line, unless the debug switch asks for the traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(
+            f"dfakd {args.verb}: error: unexpected {type(exc).__name__}: {text[:500]} "
+            f"(set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from dfakd.errors import DfakdError
+from dfakd.files import parse_json, parse_yaml
+from dfakd.files import read_yaml as read_yaml_file
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -81,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 50,  # steps between one-line progress messages when not on a terminal
         "deterministic": False,  # torch.use_deterministic_algorithms
         "threads": 0,  # torch intra-op threads; 0 = torch's default
+        "finite_check_every": 0,  # steps between reads of the losses' finiteness; 0 = auto (1 CPU, 50 CUDA)
     },
     "tracking": {
         "enabled": True,
@@ -165,10 +168,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise DfakdError(f"--set expects KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise DfakdError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    value = parse_yaml(raw, f"--set {key}") if raw != "" else None
     nested: dict[str, Any] = {}
     cursor = nested
     parts = key.strip().split(".")
@@ -179,21 +179,13 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise DfakdError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        raise DfakdError(f"malformed YAML in {path}{where}: {problem}") from None
-    if data is None:
+    """A job config file: UTF-8 YAML holding a mapping, no key twice (an empty file is an empty config)."""
+    doc = read_yaml_file(path, "config file")
+    if doc is None:
         return {}
-    if not isinstance(data, dict):
-        raise DfakdError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
-    return data
+    if not isinstance(doc, dict):
+        raise DfakdError(f"config file {path} must hold a mapping at top level, got {type(doc).__name__}")
+    return doc
 
 
 def load(
@@ -202,16 +194,11 @@ def load(
     json_configs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Defaults <- each YAML file in order <- each JSON document <- each ``--set`` override; validated."""
-    import json
-
     cfg = copy.deepcopy(DEFAULTS)
     for path in paths or []:
         cfg = merge(cfg, read_yaml(path))
     for text in json_configs or []:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DfakdError(f"--config-json is not valid JSON: {exc}") from None
+        doc = parse_json(text, "--config-json")
         if not isinstance(doc, dict):
             raise DfakdError("--config-json must be a JSON object")
         cfg = merge(cfg, doc)

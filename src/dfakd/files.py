@@ -11,6 +11,7 @@ checkpoint loader. The ground floor of the package: it imports nothing of dfakd 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,10 +42,8 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

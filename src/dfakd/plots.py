@@ -20,7 +20,7 @@ def _pyplot():
 def _save(fig, path: str | Path) -> None:
     import io
 
-    from dfakd.training.checkpoint import atomic_write_bytes
+    from dfakd.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

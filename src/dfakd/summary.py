@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dfakd.errors import DfakdError
-from dfakd.training.checkpoint import atomic_write_text
+from dfakd.files import atomic_write_text
 
 FIELDS = [
     "dataset", "teacher", "student", "method", "seeds", "best_mean", "best_std", "last_mean", "last_std",

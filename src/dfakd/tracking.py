@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dfakd import config as config_mod
+from dfakd.files import atomic_write_json, atomic_write_text
 
 RUN_FILE = "mlflow_run.json"
 METRIC_FILES = ("metrics.csv", "search_metrics.csv")
@@ -35,6 +36,7 @@ ARTIFACTS = (
     "alphas.png", "alpha_trajectory.png",
 )  # fmt: skip
 RESULT_FILES = ("result.json", "search.json")
+SUPERSEDED = "superseded"  # the folder where a retrained job's earlier run is set aside
 _MAX_PARAM_LEN = 6000
 
 
@@ -184,6 +186,8 @@ def sync_results(results_dir: str | Path, uri: str | None = None) -> list[tuple[
     """``dfakd sync-mlflow``: sync every job folder under ``results_dir``; (folder, run id or error)."""
     out: list[tuple[Path, str | Exception]] = []
     for path in sorted(Path(results_dir).rglob(RUN_FILE)):
+        if SUPERSEDED in path.relative_to(results_dir).parts:
+            continue  # an earlier run of a job, set aside when it was retrained
         try:
             out.append((path.parent, sync_run_dir(path.parent, uri)))
         except Exception as exc:  # one unreachable or stale folder must not stop the others
@@ -192,9 +196,7 @@ def sync_results(results_dir: str | Path, uri: str | None = None) -> list[tuple[
 
 
 def _write_run_file(run_dir: Path, info: dict[str, Any]) -> None:
-    from dfakd.training.checkpoint import atomic_write_text
-
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_json(run_dir / RUN_FILE, info)
 
 
 class Tracker:
@@ -303,7 +305,6 @@ def start_pipeline_run(
 ) -> dict[str, str]:
     """Create the store and experiment (once, before parallel jobs start) and a parent run for one
     pipeline invocation; its id goes to ``run_file`` for the jobs to nest under."""
-    from dfakd.training.checkpoint import atomic_write_text
 
     _prepare_client_env(10)
     uri = resolve_uri(uri, results_dir)

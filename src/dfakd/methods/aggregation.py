@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from dfakd.errors import DfakdError
+from dfakd.files import atomic_write_text, read_yaml
 from dfakd.models import FeatureNet
 
 FORMAT = "dfakd-aggregation/1"
@@ -61,8 +62,6 @@ class Aggregation:
         }
 
     def save(self, path: str | Path) -> None:
-        from dfakd.training.checkpoint import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def for_spatial(self, spatial: int) -> GroupAggregation | None:
@@ -130,19 +129,14 @@ def fixed(teacher_arch: str, pairs, mode: str, seed: int = 0) -> Aggregation:
 def from_search(
     search: dict[str, Any], mode: str, tau: float, k: int, source: str | None = None
 ) -> Aggregation:
-    """Derive from a ``search.json`` document (see :mod:`dfakd.methods.search`)."""
+    """Derive from a ``search.json`` document (see :mod:`dfakd.jobs.search`)."""
     groups = [(g["spatial"], g["layers"], derive_weights(g["alpha"], mode, tau, k)) for g in search["groups"]]
     return _build(search["teacher"], groups, mode, source)
 
 
 def load(path: str | Path) -> Aggregation:
     path = Path(path)
-    if not path.is_file():
-        raise DfakdError(f"aggregation file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DfakdError(f"aggregation file {path} is not valid YAML ({exc.__class__.__name__})") from None
+    doc = read_yaml(path, "aggregation file")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DfakdError(f"{path} is not an aggregation file (expected 'format: {FORMAT}')")
     try:
@@ -197,36 +191,3 @@ def aggregate(candidates: Sequence[torch.Tensor], weights: torch.Tensor | Sequen
     for j in chosen[1:]:
         out = out.add(candidates[j], alpha=w[j])
     return out
-
-
-def derive(cfg: dict[str, Any], search_path: str | Path | None, out: str | Path) -> Aggregation:
-    """``dfakd derive``: a search result (or, for fixed modes, the pair in the config) -> aggregation file."""
-    import json
-
-    from dfakd import models
-    from dfakd.methods.base import match_groups
-
-    mode, tau, k = cfg["derive"]["mode"], cfg["derive"]["tau"], cfg["derive"]["k"]
-    if mode in SEARCHED_MODES:
-        if not search_path:
-            raise DfakdError(
-                f"derive mode {mode!r} needs --search SEARCH_JSON (fixed modes: {', '.join(FIXED_MODES)})"
-            )
-        search_path = Path(search_path)
-        if not search_path.is_file():
-            raise DfakdError(f"search result not found: {search_path}")
-        try:
-            search = json.loads(search_path.read_text())
-            result = from_search(search, mode, tau, k, source=str(search_path))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DfakdError(f"{search_path} is not a search.json from `dfakd search` ({exc})") from None
-    else:
-        teacher_arch, student_arch = cfg["teacher"]["arch"], cfg["model"]["arch"]
-        if not teacher_arch:
-            raise DfakdError(
-                f"derive mode {mode!r} needs config key 'teacher.arch' (and model.arch, the student)"
-            )
-        pairs = match_groups(models.build(teacher_arch, 10), models.build(student_arch, 10))
-        result = fixed(teacher_arch, pairs, mode, seed=cfg["seed"])
-    result.save(out)
-    return result

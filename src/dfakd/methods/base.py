@@ -82,6 +82,11 @@ class DistillMethod(nn.Module):
             )
         return {**cls.DEFAULTS, **options}
 
+    def settings(self) -> dict[str, Any]:
+        """What decides this method's loss, as flat ``distill.options.<name>.<key>`` settings (resolved
+        options, defaults included); a job's fingerprint and MLflow params hold them."""
+        return {f"distill.options.{self.name}.{key}": value for key, value in self.options.items()}
+
     def prepare(self, teacher: FeatureNet, batches) -> None:
         """Called once before training (not on resume): estimate fixed state from training data."""
 

@@ -93,6 +93,14 @@ class AggregatedFeatureDistill(DistillMethod):
         # the same fixed weights as Python floats: a training step reads them without a device sync
         self.weight_lists = [getattr(self, f"weights_{i}").tolist() for i in range(len(self.pairs))]
 
+    def settings(self) -> dict[str, Any]:
+        weights = {
+            f"distill.aggregation.g{g.spatial}.{layer}": weight
+            for g in self.aggregation.groups
+            for layer, weight in g.layers.items()
+        }
+        return {**super().settings(), **weights}
+
     def target(self, t: NetFeatures, i: int) -> torch.Tensor:
         return agg_mod.aggregate(t.candidates[self.pairs[i].teacher.index], self.weight_lists[i])
 

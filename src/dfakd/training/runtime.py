@@ -6,6 +6,7 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,9 @@ def setup(cfg: dict[str, Any]) -> torch.device:
         runtime["precision"] = "bf16" if device.type == "cuda" else "fp32"
     if runtime["channels_last"] == "auto":
         runtime["channels_last"] = device.type == "cuda"
+    if runtime["finite_check_every"] == 0:
+        # reading a loss back waits for the GPU; on the CPU it costs nothing
+        runtime["finite_check_every"] = 50 if device.type == "cuda" else 1
     return device
 
 
@@ -70,27 +74,34 @@ def prepare_module(module: torch.nn.Module, device: torch.device, channels_last:
 
 
 class Progress:
-    """A progress bar on a terminal; one line every ``every`` steps in a log file."""
+    """A progress bar on a terminal (redrawn at most every 0.2 s); one line every ``every`` steps in a
+    log file. The text is a callable, evaluated only when a line is shown (it may read GPU values)."""
 
     def __init__(self, total: int, label: str, every: int) -> None:
         self.total, self.label, self.every = total, label, every
         self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
 
-    def update(self, step: int, text: str) -> None:
+    def update(self, step: int, text: Callable[[], str]) -> None:
         done = step + 1
+        now = time.perf_counter()
         if self.tty:
+            if now - self.shown < 0.2 and done != self.total:
+                return
+            self.shown = now
             width = 24
             filled = int(width * done / max(1, self.total))
             bar = "#" * filled + "." * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {text}")
+            sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {text()}")
             if done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
         elif done % self.every == 0 or done == self.total:
-            rate = done / max(1e-9, time.perf_counter() - self.start)
+            rate = done / max(1e-9, now - self.start)
             print(
-                f"{self.label} step {done}/{self.total} {text} ({rate:.1f} it/s)", file=sys.stderr, flush=True
+                f"{self.label} step {done}/{self.total} {text()} ({rate:.1f} it/s)",
+                file=sys.stderr,
+                flush=True,
             )
 
 

@@ -1,0 +1,84 @@
+"""``dfakd distill``: stage 2, a student trained with cross-entropy plus the configured methods' losses, in
+the training loop of ``dfakd train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfakd import data, methods, models
+from dfakd.jobs.common import (
+    check_batch_size,
+    check_run_dir,
+    eval_stream,
+    finish_job,
+    frozen,
+    load_teacher,
+    open_job,
+    stage_settings,
+    test_stream,
+    train_stream,
+)
+from dfakd.methods.distill import DistillStep
+from dfakd.training.loop import run_epochs
+from dfakd.training.runtime import log, prepare_module, setup
+from dfakd.training.supervised import SupervisedTask
+
+CHECKPOINT, RESULT = "checkpoint.pt", "result.json"
+
+
+def distill(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> dict[str, Any]:
+    dcfg = cfg["distill"]
+    names = methods.parse_method(dcfg["method"])
+    student_arch, method_tag = cfg["model"]["arch"], dcfg["method"]
+    device = setup(cfg)
+    channels_last = cfg["runtime"]["channels_last"]
+    n_classes = data.num_classes(cfg["dataset"])
+    teacher, teacher_arch, teacher_sha = None, cfg["teacher"]["arch"] or "-", None
+    if names:
+        teacher, teacher_arch, teacher_sha = load_teacher(cfg, n_classes)
+    torch.manual_seed(cfg["seed"])
+    student = models.build(student_arch, n_classes)
+    parts = []
+    if names:
+        teacher = frozen(teacher, device, channels_last)
+        context = methods.DistillContext(teacher_arch, dcfg["aggregation"])
+        parts = methods.build(names, teacher, student.to(device), dcfg["options"], context)
+    extra = {"teacher.sha256": teacher_sha, **{k: v for part in parts for k, v in part.settings().items()}}
+    run = check_run_dir(run_dir, CHECKPOINT, RESULT, stage_settings(cfg, "distill", extra), retrain)
+    if run.done is not None:
+        return run.done
+    train_split = data.load_split(cfg["dataset"], "train")
+    batch_size = cfg["recipe"]["batch_size"]
+    check_batch_size("recipe.batch_size", batch_size, len(train_split), "the training split")
+    train_batches, test_batches = train_stream(cfg, device, train_split, batch_size), test_stream(cfg, device)
+    step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
+    task = SupervisedTask(cfg, step, student, step.loss, train_batches, test_batches, device)
+    pair = f"{teacher_arch}-{student_arch}"
+    tags = {"method": method_tag, "teacher": teacher_arch, "student": student_arch, "pair": pair}
+    meta = {
+        "arch": student_arch,
+        "num_classes": n_classes,
+        "dataset": cfg["dataset"]["name"],
+        "seed": cfg["seed"],
+        "teacher": teacher_arch,
+        "method": method_tag,
+    }
+    job = open_job(
+        cfg, run, device, "distill", f"{method_tag}-{pair}-s{cfg['seed']}", {**tags, "model": student_arch}
+    )
+    try:
+        if parts and run.resume_state is None:
+            unaugmented = eval_stream(cfg, device, train_split)
+            for part in step.parts:
+                part.prepare(teacher, unaugmented)
+        log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} on {device}")
+        history, final_state = run_epochs(run, task, job.tracker, cfg["runtime"], "metrics.csv")
+        result = task.finish(run.path, history, meta)
+        finish_job(job, result, final_state)
+    except BaseException as exc:
+        job.tracker.abort(exc)
+        raise
+    return result
