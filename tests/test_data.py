@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CifarFiles, FolderFiles
+from conftest import (
+    CifarFiles,
+    FolderFiles,
+    run_cli,
+    tiny_config,
+    write_cifar10,
+    write_config,
+    write_imagefolder,
+)
 from PIL import Image
 
 from dfakd import data
@@ -133,12 +143,13 @@ def test_imagefolder_unreadable_image_is_clear(imagefolder: FolderFiles):
 
 
 def test_imagefolder_grayscale_png_becomes_rgb(tmp_path: Path):
-    folder = tmp_path / "g" / "train" / "x"
-    folder.mkdir(parents=True)
     arr = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
-    Image.fromarray(arr.astype(np.uint8), mode="L").save(folder / "0.png")
+    for name in ("x", "y"):
+        folder = tmp_path / "g" / "train" / name
+        folder.mkdir(parents=True)
+        Image.fromarray(arr.astype(np.uint8), mode="L").save(folder / "0.png")
     split = data.load_split({"name": "imagefolder", "root": str(tmp_path / "g")}, "train")
-    assert split.images.shape == (1, 3, 32, 32)
+    assert split.images.shape == (2, 3, 32, 32)
     for c in range(3):
         assert torch.equal(split.images[0, c], torch.from_numpy(arr.astype(np.uint8)))
 
@@ -146,6 +157,140 @@ def test_imagefolder_grayscale_png_becomes_rgb(tmp_path: Path):
 def test_unknown_dataset_names_key():
     with pytest.raises(DfakdError, match="dataset.name"):
         data.load_split({"name": "imagenet", "root": "x"}, "train")
+
+
+# ------------------------------------------------------- ImageFolder splits follow the training split
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, verb: str) -> str:
+    """Exit code 2 and exactly one stderr line ``dfakd VERB: error: ...``, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dfakd {verb}: error: "), lines[0]
+    return lines[0]
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (folders as None) with its bytes: to prove nothing was touched."""
+    return {
+        str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))
+    }
+
+
+def test_test_split_missing_class_keeps_train_indices(imagefolder: FolderFiles):
+    """Digits 4-9 must not become labels 3-8: a split lacking a class is labelled by train/'s list."""
+    shutil.rmtree(imagefolder.root / "test" / imagefolder.classes[0])
+    cfg = {"name": "imagefolder", "root": str(imagefolder.root)}
+    test = data.load_split(cfg, "test")
+    assert test.classes == imagefolder.classes
+    assert test.labels.tolist() == [1] * 4 + [2] * 4
+    kept = [arr for _, label, arr in imagefolder.images["test"] if label != 0]
+    assert torch.equal(test.images, torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2))
+
+
+def test_split_class_folder_order_follows_train(tmp_path: Path):
+    """Labels are the training split's index for the class *name*, whatever else the split holds."""
+    root = write_imagefolder(tmp_path / "imgs", n_classes=4, n_train=2, n_test=2).root
+    shutil.rmtree(root / "test" / "class_a")
+    shutil.rmtree(root / "test" / "class_c")
+    test = data.load_split({"name": "imagefolder", "root": str(root)}, "test")
+    assert test.labels.tolist() == [1, 1, 3, 3]
+    assert test.classes == ["class_a", "class_b", "class_c", "class_d"]
+
+
+def test_extra_test_class_refused_before_anything_is_written(imagefolder: FolderFiles, tmp_path: Path):
+    extra = imagefolder.root / "test" / "class_z"
+    shutil.copytree(imagefolder.root / "test" / imagefolder.classes[0], extra)
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": "imagefolder", "root": str(imagefolder.root)}, "test")
+    message = str(err.value)
+    assert "'class_z'" in message and str(imagefolder.root / "test") in message and "\n" not in message
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(imagefolder.root, tmp_path / "results"))
+    run = tmp_path / "run"
+    line = _one_line_error(run_cli("train", "-c", cfg, "-o", run, cwd=tmp_path), "train")
+    assert "'class_z'" in line
+    assert not run.exists() and not (tmp_path / "results").exists()
+
+
+def test_one_class_dataset_refused(tmp_path: Path):
+    root = write_imagefolder(tmp_path / "one", n_classes=1).root
+    cfg = {"name": "imagefolder", "root": str(root)}
+    for call in (lambda: data.load_split(cfg, "train"), lambda: data.load_split(cfg, "test")):
+        with pytest.raises(DfakdError, match="at least 2") as err:
+            call()
+        assert str(root / "train") in str(err.value)
+    with pytest.raises(DfakdError, match="at least 2"):
+        data.num_classes(cfg)
+
+
+def test_test_split_of_other_size_refused(tmp_path: Path):
+    """Every test image 28x28 against a 32x32 training split: refused although the split is uniform."""
+    root = write_imagefolder(tmp_path / "imgs", n_train=2, n_test=2).root
+    small = write_imagefolder(tmp_path / "small", n_train=1, n_test=2, size=28).root
+    shutil.rmtree(root / "test")
+    (small / "test").rename(root / "test")
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": "imagefolder", "root": str(root)}, "test")
+    message = str(err.value)
+    assert str(root / "test" / "class_a" / "000.png") in message
+    assert "28x28" in message and "32x32" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_corrupt_first_image_is_one_line(imagefolder: FolderFiles, split: str):
+    first = imagefolder.images[split][0][0]
+    first.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DfakdError) as err:
+        data.load_split({"name": "imagefolder", "root": str(imagefolder.root)}, split)
+    assert str(first) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_data_corrupt_first_image_no_traceback(imagefolder: FolderFiles, tmp_path: Path):
+    first = imagefolder.images["train"][0][0]
+    first.write_bytes(b"not an image at all")
+    proc = run_cli("prepare-data", "imagefolder", "--root", imagefolder.root, cwd=tmp_path)
+    line = _one_line_error(proc, "prepare-data")
+    assert str(first) in line
+
+
+def test_num_classes_must_match_train_folders(imagefolder: FolderFiles):
+    cfg = {"name": "imagefolder", "root": str(imagefolder.root)}
+    assert data.num_classes({**cfg, "num_classes": 3}) == 3
+    for wrong in (2, 5):
+        with pytest.raises(DfakdError, match="'dataset.num_classes' is") as err:
+            data.num_classes({**cfg, "num_classes": wrong})
+        assert "3 class folders" in str(err.value)
+
+
+def test_named_imagefolder_dataset_needs_its_class_count(imagefolder: FolderFiles):
+    with pytest.raises(DfakdError, match="has 3 class folders, cinic10 has 10 classes"):
+        data.load_split({"name": "cinic10", "root": str(imagefolder.root)}, "train")
+
+
+def test_prepare_data_imagefolder_checks_and_writes_nothing(imagefolder: FolderFiles, tmp_path: Path):
+    shutil.rmtree(imagefolder.root / "test" / imagefolder.classes[2])
+    before = _snapshot(tmp_path)
+    proc = run_cli("prepare-data", "imagefolder", "--root", imagefolder.root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "imagefolder train: 24 images (32x32), 3 of 3 classes (class_a, class_b, class_c)" in proc.stdout
+    test_line = "imagefolder test: 8 images (32x32), 2 of 3 classes (class_a, class_b); lacks class_c"
+    assert test_line in proc.stdout
+    assert _snapshot(tmp_path) == before
+
+
+def test_prepare_imagefolder_problems_are_refused(imagefolder: FolderFiles, tmp_path: Path):
+    from dfakd.data.prepare import prepare
+
+    lines: list[str] = []
+    with pytest.raises(DfakdError, match="lacks the split folder"):
+        prepare("cinic10", tmp_path, echo=lines.append)
+    shutil.copytree(imagefolder.root / "test" / "class_a", imagefolder.root / "test" / "class_q")
+    with pytest.raises(DfakdError, match="'class_q'"):
+        prepare("imagefolder", imagefolder.root, echo=lines.append)
+    assert lines == ["imagefolder train: 24 images (32x32), 3 of 3 classes (class_a, class_b, class_c)"]
 
 
 # ---------------------------------------------------------------------------------------------- mnist5k
@@ -187,6 +332,63 @@ def test_mnist5k_is_idempotent(mnist5k_root: Path):
     assert sorted(p.relative_to(mnist5k_root) for p in mnist5k_root.rglob("*")) == snapshot
     # no staging folders left beside it
     assert [p.name for p in mnist5k_root.parent.iterdir()] == [mnist5k_root.name]
+
+
+def test_prepare_mnist5k_refuses_folder_with_other_files(tmp_path: Path):
+    """A folder holding someone's CIFAR copy was emptied: now it is refused, byte for byte untouched."""
+    root = tmp_path / "data"
+    write_cifar10(root)
+    (root / "notes.txt").write_text("mine\n")
+    before = _snapshot(tmp_path)
+    for extra in ([], ["--force"]):
+        proc = run_cli("prepare-data", "mnist5k", "--root", root, *extra, cwd=tmp_path)
+        line = _one_line_error(proc, "prepare-data")
+        assert str(root) in line and "not a finished mnist5k copy" in line
+        assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "train/3/mine.jpg", "test/cat", "train/0/0001.png.bak"])
+def test_prepare_mnist5k_force_refuses_foreign_files(tmp_path: Path, foreign: str):
+    from dfakd.data.demo import write_mnist5k
+
+    root = tmp_path / "mnist5k"
+    for split, digit in (("train", 0), ("train", 3), ("test", 0)):
+        (root / split / str(digit)).mkdir(parents=True, exist_ok=True)
+        (root / split / str(digit) / "0001.png").write_bytes(b"ours")
+    (root / "COMPLETE").write_text("mnist5k\n")
+    if foreign.endswith("cat"):
+        (root / foreign).mkdir()
+    else:
+        (root / foreign).write_text("theirs\n")
+    before = _snapshot(tmp_path)
+    with pytest.raises(DfakdError, match="--force would delete") as err:
+        write_mnist5k(root, force=True)
+    assert str(root / foreign) in str(err.value)
+    assert _snapshot(tmp_path) == before
+    assert write_mnist5k(root) == root  # without --force a finished copy is kept, foreign files and all
+    assert _snapshot(tmp_path) == before
+
+
+def test_prepare_mnist5k_force_rewrites_its_own_copy(mnist5k_root: Path, tmp_path: Path):
+    from dfakd.data.demo import write_mnist5k
+
+    root = tmp_path / "mnist5k"
+    shutil.copytree(mnist5k_root, root)
+    png = next((root / "train" / "3").glob("*.png"))
+    png.write_bytes(b"damaged")
+    assert write_mnist5k(root, force=True) == root
+    assert _snapshot(root) == _snapshot(mnist5k_root)  # rewritten, identically
+    assert [p.name for p in tmp_path.iterdir()] == ["mnist5k"]  # no staging or old copy left
+
+
+def test_prepare_mnist5k_into_empty_folder(tmp_path: Path):
+    from dfakd.data import demo
+
+    root = tmp_path / "m"
+    root.mkdir()
+    assert demo.write_mnist5k(root) == root
+    assert (root / "COMPLETE").is_file() and len(list((root / "test").rglob("*.png"))) == 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_missing_mnist5k_hints_prepare_data(tmp_path: Path):

@@ -68,17 +68,9 @@ def _load_cfg(args: argparse.Namespace) -> dict:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from dfakd import data
-    from dfakd.data.demo import write_mnist5k
+    from dfakd.data.prepare import prepare
 
-    if args.dataset == "mnist5k":
-        root = write_mnist5k(args.root, force=args.force)
-        print(f"mnist5k ready in {root}")
-        return 0
-    cfg = {"name": args.dataset, "root": args.root, "download": args.download}
-    for split in ("train", "test"):
-        n = len(data.load_split(cfg, split))
-        print(f"{args.dataset} {split}: {n} images in {args.root}")
+    prepare(args.dataset, args.root, download=args.download, force=args.force)
     return 0
 
 
@@ -237,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    p = sub.add_parser("prepare-data", help="write the offline demo dataset, or check/download CIFAR")
-    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10"])
+    p = sub.add_parser("prepare-data", help="write the demo dataset, check/download CIFAR, check ImageFolder")
+    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10", "imagefolder"])
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
     p.add_argument("--force", action="store_true", help="rewrite mnist5k even if complete")

@@ -3,7 +3,9 @@
 - ``cifar10`` / ``cifar100``: the python-pickle batches, read by torchvision's own dataset classes
   (``root/cifar-10-batches-py`` or ``root/cifar-100-python``);
 - ``cinic10`` and ``imagefolder``: ImageFolder layout ``root/{train,valid,test}/<class>/<image>``,
-  read by torchvision's ``ImageFolder``;
+  listed with torchvision's ``make_dataset`` against the *training* split's class list (a ``valid/`` or
+  ``test/`` class folder that ``train/`` lacks is refused; a split lacking a class keeps the training
+  indices);
 - ``mnist5k``: the offline demo dataset, ImageFolder layout written by ``dfakd prepare-data`` (see
   :mod:`dfakd.data.demo`).
 
@@ -13,6 +15,7 @@ augmentation and normalization then run on whole batches (:mod:`dfakd.data.strea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,14 +82,15 @@ def num_classes(dataset_cfg: dict[str, Any]) -> int:
     if info.num_classes is not None:
         return info.num_classes
     train_dir = Path(dataset_cfg["root"]) / "train"
-    _require_dir(train_dir, dataset_cfg["name"])
-    found = sum(1 for p in train_dir.iterdir() if p.is_dir())
+    found = len(train_classes(dataset_cfg["name"], Path(dataset_cfg["root"])))
     configured = dataset_cfg.get("num_classes")
-    if configured is not None and configured < found:
+    if configured is not None and configured != found:
+        # a larger count would only add output units no label ever reaches: refused like a smaller one
         raise DfakdError(
-            f"config key 'dataset.num_classes' is {configured} but {train_dir} has {found} class folders"
+            f"config key 'dataset.num_classes' is {configured} but {train_dir} has {found} class folders "
+            f"(the dataset has {found} classes): set it to {found} or leave it out"
         )
-    return configured or found
+    return found
 
 
 def normalization(dataset_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -135,36 +139,112 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSpli
 def _require_dir(path: Path, name: str) -> None:
     if not path.is_dir():
         hint = "run `dfakd prepare-data mnist5k --root ROOT`" if name == "mnist5k" else "see docs/data.md"
-        raise DfakdError(f"{name}: missing directory {path} (ImageFolder layout <root>/<split>/<class>/; {hint})")
+        raise DfakdError(
+            f"{name}: missing directory {path} (ImageFolder layout <root>/<split>/<class>/; {hint})"
+        )
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """The class names of an ImageFolder split, as torchvision's ``find_classes`` sees them (sorted)."""
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def train_classes(name: str, root: Path) -> list[str]:
+    """The class list every split of an ImageFolder dataset is labelled by: the folder names of
+    ``root/train`` (listed, not decoded). Fewer than two classes, or another count than a named dataset
+    has, is refused."""
+    train_dir = root / "train"
+    _require_dir(train_dir, name)
+    classes = _class_folders(train_dir)
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DfakdError(
+            f"{name}: {train_dir} has {len(classes)} class folder(s) ({found}); a classifier needs at least "
+            "2 (layout <root>/train/<class>/<image>)"
+        )
+    expected = dataset_info(name).num_classes
+    if expected is not None and len(classes) != expected:
+        raise DfakdError(
+            f"{name}: {train_dir} has {len(classes)} class folders, {name} has {expected} classes"
+        )
+    return classes
+
+
+def _image_files(split_dir: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    return make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+
+
+def _read_rgb(name: str, path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:  # PIL raises OSError, but also SyntaxError/ValueError on broken files
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DfakdError(f"{name}: cannot read image {path} ({reason})") from None
+
+
+def _reference_size(name: str, train_dir: Path, classes: list[str]) -> tuple[str, int, int]:
+    """The first training image and its (width, height), read from its header only."""
+    from PIL import Image
+
+    for c in classes:
+        files = _image_files(train_dir, {c: 0})
+        if files:
+            path = files[0][0]
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+            except Exception as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise DfakdError(f"{name}: cannot read image {path} ({reason})") from None
+            return path, width, height
+    raise DfakdError(f"{name}: no images found under {train_dir}")
 
 
 def _load_imagefolder(name: str, root: Path, split: str) -> ImageSplit:
-    from torchvision import datasets
-
+    classes = train_classes(name, root)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    train_dir = root / "train"
     split_dir = root / (split if split != "test" else dataset_info(name).test_split)
     _require_dir(split_dir, name)
-    try:
-        ds = datasets.ImageFolder(str(split_dir))
-    except FileNotFoundError as exc:
-        raise DfakdError(f"{name}: {split_dir} holds no class folders with images ({exc})") from None
-    if not ds.samples:
-        raise DfakdError(f"{name}: no images found under {split_dir}")
-    first = np.asarray(ds.loader(ds.samples[0][0]).convert("RGB"))
-    images = np.empty((len(ds.samples), *first.shape), dtype=np.uint8)
-    for i, (path, _) in enumerate(ds.samples):
-        try:
-            img = np.asarray(ds.loader(path).convert("RGB"))
-        except OSError as exc:
-            raise DfakdError(f"{name}: cannot read image {path} ({exc})") from None
-        if img.shape != first.shape:
+    if split_dir == train_dir:
+        present = classes
+    else:
+        present = _class_folders(split_dir)
+        extra = [c for c in present if c not in class_to_idx]
+        if extra:
             raise DfakdError(
-                f"{name}: image {path} is {img.shape[1]}x{img.shape[0]}, expected {first.shape[1]}x"
-                f"{first.shape[0]} like the rest of {split_dir}"
+                f"{name}: class folder(s) {', '.join(repr(c) for c in extra)} in {split_dir} are not "
+                f"classes of the training split {train_dir} (labels follow its {len(classes)} classes); "
+                "remove them or add them to train/"
+            )
+    samples = _image_files(split_dir, {c: class_to_idx[c] for c in present})
+    if not samples:
+        raise DfakdError(f"{name}: no images found under {split_dir}")
+    if split_dir == train_dir:
+        empty = sorted(set(classes) - {classes[label] for _, label in samples})
+        if empty:
+            raise DfakdError(
+                f"{name}: class folder(s) {', '.join(str(train_dir / c) for c in empty)} hold no images "
+                "(a class must have training images)"
+            )
+    ref_path, width, height = _reference_size(name, train_dir, classes)
+    images = np.empty((len(samples), height, width, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        img = _read_rgb(name, path)
+        if img.shape[:2] != (height, width):
+            raise DfakdError(
+                f"{name}: image {path} is {img.shape[1]}x{img.shape[0]}, expected {width}x{height} like the "
+                f"training split ({ref_path})"
             )
         images[i] = img
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.as_tensor([label for _, label in ds.samples], dtype=torch.int64)
-    return ImageSplit(tensor, labels, list(ds.classes))
+    labels = torch.as_tensor([label for _, label in samples], dtype=torch.int64)
+    return ImageSplit(tensor, labels, classes)
 
 
 def stratified_halves(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
