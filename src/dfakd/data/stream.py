@@ -21,7 +21,9 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + stream)
 
 
-def crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant") -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant"
+) -> torch.Tensor:
     """Random ``pad``-pixel-padded crop back to the input size, and a random horizontal flip."""
     n, _, h, w = images.shape
     mode = "constant" if pad_mode == "constant" else "reflect"
@@ -52,14 +54,18 @@ def resized_crop_flip(
 
     n, _, h, w = images.shape
     area = h * w * torch.empty(n).uniform_(*scale, generator=gen)
-    log_r = torch.empty(n).uniform_(torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), generator=gen)
+    log_r = torch.empty(n).uniform_(
+        torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), generator=gen
+    )
     aspect = torch.exp(log_r)
     cw = torch.sqrt(area * aspect).round().clamp(1, w)
     ch = torch.sqrt(area / aspect).round().clamp(1, h)
     x0 = (torch.rand(n, generator=gen) * (w - cw + 1)).floor()
     y0 = (torch.rand(n, generator=gen) * (h - ch + 1)).floor()
     boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
-    out = roi_align(images.float(), boxes.to(images.device), output_size=(h, w), sampling_ratio=2, aligned=True)
+    out = roi_align(
+        images.float(), boxes.to(images.device), output_size=(h, w), sampling_ratio=2, aligned=True
+    )
     flip = (torch.rand(n, generator=gen) < 0.5).to(images.device)
     out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out.round().clamp(0, 255).to(torch.uint8)
@@ -124,4 +130,6 @@ class BatchStream:
             images = resized_crop_flip(images, gen)
         x = (images.float() - self.mean) / self.std
         # crop_flip gathers in NHWC: without this, channels_last false would still give channels-last batches
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
