@@ -23,9 +23,9 @@ from PIL import Image
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from dfakd import cli, config, data, models
+from dfakd import cli, config, data, jobs, models
 from dfakd.jobs import search as search_job
-from dfakd.jobs.common import test_stream
+from dfakd.jobs.common import test_stream as make_test_stream
 from dfakd.methods import aggregation
 from dfakd.methods.base import DistillContext, match_groups
 from dfakd.methods.bridge import BridgeSearch, frozen_batchnorm_stats
@@ -266,7 +266,7 @@ def test_dfa_with_derived_last_aggregation_equals_ofd(tmp_path: Path):
         {"teacher": {"arch": T_ARCH}, "model": {"arch": S_ARCH}, "derive": {"mode": "last"}},
     )
     agg_path = tmp_path / "last.yaml"
-    aggregation.derive(config.load([cfg_path]), None, agg_path)
+    jobs.derive(config.load([cfg_path]), None, agg_path)
     doc = yaml.safe_load(agg_path.read_text())
     assert doc["mode"] == "last"
     assert [g["layers"] for g in doc["groups"]] == [{T_LAYERS[sp][-1]: 1.0} for sp in SPATIALS]
@@ -679,5 +679,5 @@ def test_search_derive_distill_end_to_end(tmp_path: Path):
     full_cfg = config.load([cfg_path])
     torch.manual_seed(full_cfg["seed"])
     init = models.build(S_ARCH, data.num_classes(full_cfg["dataset"]))
-    init_top1 = evaluate(init, test_stream(full_cfg, torch.device("cpu")))["top1"]
+    init_top1 = evaluate(init, make_test_stream(full_cfg, torch.device("cpu")))["top1"]
     assert distilled["last_acc1"] > init_top1, (distilled["last_acc1"], init_top1)

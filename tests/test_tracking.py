@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FolderFiles, tiny_config, write_config
 
 from dfakd import config, jobs
@@ -108,9 +109,10 @@ def test_resumed_job_keeps_its_run(imagefolder: FolderFiles, tmp_path: Path):
     run_dir = tmp_path / "run"
     jobs.train(cfg, run_dir)
     first = _run_id(run_dir)
-    # as if stopped before the end of a longer job: no result.json, more epochs to go
+    # as if killed after its last epoch's checkpoint: not marked finished, no result.json yet
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "finished": False}, run_dir / "checkpoint.pt")
     (run_dir / "result.json").unlink()
-    cfg["recipe"]["epochs"] = EPOCHS + 1
     jobs.train(cfg, run_dir)
 
     assert _run_id(run_dir) == first
@@ -119,7 +121,7 @@ def test_resumed_job_keeps_its_run(imagefolder: FolderFiles, tmp_path: Path):
     run = client.get_run(first)
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(first, "test_acc1"))
-    assert steps == list(range(1, EPOCHS + 2))  # each epoch once, none repeated
+    assert steps == list(range(1, EPOCHS + 1))  # each epoch once, none repeated
 
 
 def test_failed_job_marks_run_failed(imagefolder: FolderFiles, tmp_path: Path):

@@ -7,6 +7,7 @@ the wrong type is an error, and every error names the dotted key. ``docs/config.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -218,33 +219,100 @@ def _one_of(cfg: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
 
 
+#: numeric keys and their valid range: (low, low inclusive, high, high inclusive); None = unbounded
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "seed": (0, True, None, False),
+    "recipe.epochs": (1, True, None, False),
+    "recipe.batch_size": (1, True, None, False),
+    "recipe.lr": (0, False, None, False),
+    "recipe.momentum": (0, True, 1, False),
+    "recipe.weight_decay": (0, True, None, False),
+    "recipe.gamma": (0, False, None, False),
+    "recipe.warmup_epochs": (0, True, None, False),
+    "search.epochs": (1, True, None, False),
+    "search.batch_size": (1, True, None, False),
+    "search.record_every": (1, True, None, False),
+    "search.w_lr": (0, False, None, False),
+    "search.w_lr_min": (0, True, None, False),
+    "search.w_momentum": (0, True, 1, False),
+    "search.w_weight_decay": (0, True, None, False),
+    "search.beta_lr": (0, False, None, False),
+    "search.beta_weight_decay": (0, True, None, False),
+    "search.gamma_ts": (0, True, None, False),
+    "search.gamma_st": (0, True, None, False),
+    "search.regularizer_weight": (0, True, None, False),
+    "derive.tau": (0, True, 1, False),
+    "derive.k": (1, True, None, False),
+    "distill.ce_weight": (0, True, None, False),
+    "runtime.eval_batch_size": (1, True, None, False),
+    "runtime.log_every": (1, True, None, False),
+    "runtime.threads": (0, True, 1024, True),
+    "runtime.finite_check_every": (0, True, None, False),
+    "tracking.retries": (0, True, None, False),
+    "tracking.backoff_s": (0, True, None, False),
+    "tracking.timeout_s": (0, False, None, False),
+}
+#: string keys and their allowed values
+CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe.schedule": ("multistep", "cosine"),
+    "runtime.precision": ("auto", "fp32", "bf16"),
+    "dataset.augment": ("auto", "crop_flip", "resized_crop_flip", "none"),
+    "dataset.pad_mode": ("constant", "reflect"),
+    "search.schedule": ("groupwise", "joint"),
+    "search.regularizer": ("none", "entropy", "l2"),
+    "derive.mode": ("prune", "argmax", "topk", "full", "last", "average", "random"),
+}
+
+
+def in_range(value: float, bounds: tuple[float | None, bool, float | None, bool]) -> bool:
+    low, low_in, high, high_in = bounds
+    if low is not None and (value < low or (value == low and not low_in)):
+        return False
+    return high is None or value < high or (value == high and high_in)
+
+
+def describe_range(bounds: tuple[float | None, bool, float | None, bool]) -> str:
+    low, low_in, high, high_in = bounds
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _non_finite(node: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite number anywhere in ``node`` (lists included)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return prefix or "(value)"
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found = _non_finite(
+            value, f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}{'.' if prefix else ''}{key}"
+        )
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: dict[str, Any]) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express: every number finite and in range, every choice
+    among its allowed values."""
+    bad = _non_finite(cfg)
+    _require(bad is None, str(bad), f"must be a finite number, got {get_loose(cfg, bad)!r}")
+    for key, bounds in RANGES.items():
+        value = get(cfg, key)
+        _require(in_range(value, bounds), key, f"must be {describe_range(bounds)}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        _one_of(cfg, key, allowed)
     recipe = cfg["recipe"]
-    _require(recipe["epochs"] >= 1, "recipe.epochs", f"must be >= 1, got {recipe['epochs']}")
-    _require(recipe["batch_size"] >= 1, "recipe.batch_size", f"must be >= 1, got {recipe['batch_size']}")
-    _require(recipe["lr"] > 0, "recipe.lr", f"must be > 0, got {recipe['lr']}")
-    _require(recipe["weight_decay"] >= 0, "recipe.weight_decay", "must be >= 0")
-    _require(0 <= recipe["momentum"] < 1, "recipe.momentum", "must be in [0, 1)")
-    _require(recipe["gamma"] > 0, "recipe.gamma", "must be > 0")
-    _require(recipe["warmup_epochs"] >= 0, "recipe.warmup_epochs", "must be >= 0")
     _require(
         all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in recipe["milestones"]),
         "recipe.milestones",
         f"must be a list of positive integer epochs, got {recipe['milestones']!r}",
     )
-    _one_of(cfg, "recipe.schedule", ("multistep", "cosine"))
-    _require(cfg["runtime"]["eval_batch_size"] >= 1, "runtime.eval_batch_size", "must be >= 1")
-    _require(cfg["runtime"]["log_every"] >= 1, "runtime.log_every", "must be >= 1")
-    _require(cfg["runtime"]["threads"] >= 0, "runtime.threads", "must be >= 0 (0 = torch's default)")
-    _one_of(cfg, "runtime.precision", ("auto", "fp32", "bf16"))
     _require(
         cfg["runtime"]["channels_last"] in (True, False, "auto"),
         "runtime.channels_last",
         f"must be true, false or auto; got {cfg['runtime']['channels_last']!r}",
     )
-    _one_of(cfg, "dataset.augment", ("auto", "crop_flip", "resized_crop_flip", "none"))
-    _one_of(cfg, "dataset.pad_mode", ("constant", "reflect"))
     device = cfg["runtime"]["device"]
     _require(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
@@ -255,27 +323,44 @@ def validate(cfg: dict[str, Any]) -> None:
         value = cfg["dataset"][key]
         if value is not None:
             _require(
-                len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+                len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
                 f"dataset.{key}",
-                "must be a list of 3 numbers",
+                f"must be a list of 3 numbers, got {value!r}",
             )
-    search = cfg["search"]
-    _one_of(cfg, "search.schedule", ("groupwise", "joint"))
-    _one_of(cfg, "search.regularizer", ("none", "entropy", "l2"))
-    for key in ("epochs", "batch_size", "record_every"):
-        _require(search[key] >= 1, f"search.{key}", f"must be >= 1, got {search[key]}")
-    for key in ("w_lr", "beta_lr"):
-        _require(search[key] > 0, f"search.{key}", f"must be > 0, got {search[key]}")
-    _require(len(search["beta_betas"]) == 2, "search.beta_betas", "must be a list of two numbers")
-    _one_of(cfg, "derive.mode", ("prune", "argmax", "topk", "full", "last", "average", "random"))
-    _require(0 <= cfg["derive"]["tau"] < 1, "derive.tau", "must be in [0, 1)")
-    _require(cfg["derive"]["k"] >= 1, "derive.k", "must be >= 1")
-    _require(cfg["distill"]["ce_weight"] >= 0, "distill.ce_weight", "must be >= 0")
-    _require(cfg["tracking"]["retries"] >= 0, "tracking.retries", "must be >= 0")
-    _require(cfg["tracking"]["backoff_s"] >= 0, "tracking.backoff_s", "must be >= 0")
-    _require(cfg["tracking"]["timeout_s"] > 0, "tracking.timeout_s", "must be > 0")
     if cfg["dataset"]["std"] is not None:
         _require(all(v > 0 for v in cfg["dataset"]["std"]), "dataset.std", "must be positive")
+    num_classes = cfg["dataset"]["num_classes"]
+    _require(
+        num_classes is None or num_classes >= 2, "dataset.num_classes", f"must be >= 2, got {num_classes}"
+    )
+    betas = cfg["search"]["beta_betas"]
+    _require(
+        len(betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas),
+        "search.beta_betas",
+        f"must be a list of two numbers in [0, 1) (Adam's betas), got {betas!r}",
+    )
+    _require(
+        cfg["search"]["w_lr_min"] <= cfg["search"]["w_lr"],
+        "search.w_lr_min",
+        f"must be <= search.w_lr ({cfg['search']['w_lr']}), got {cfg['search']['w_lr_min']}",
+    )
+    for key in ("results_dir", "dataset.root", "model.arch"):
+        _require(bool(get(cfg, key)), key, "must not be empty")
+
+
+def get_loose(cfg: dict[str, Any], dotted: str | None) -> Any:
+    """The value at a dotted key that may index lists (``a.b[1]``); None if there is none."""
+    node: Any = cfg
+    for part in (dotted or "").replace("[", ".[").split("."):
+        if not part:
+            continue
+        try:
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return node
 
 
 def get(cfg: dict[str, Any], dotted: str) -> Any:

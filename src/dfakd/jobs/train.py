@@ -32,12 +32,12 @@ def train(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> di
     if run.done is not None:
         return run.done
     n_classes = data.num_classes(cfg["dataset"])
+    torch.manual_seed(cfg["seed"])
+    model = prepare_module(models.build(arch, n_classes), device, cfg["runtime"]["channels_last"])
     train_split = data.load_split(cfg["dataset"], "train")
     batch_size = cfg["recipe"]["batch_size"]
     check_batch_size("recipe.batch_size", batch_size, len(train_split), "the training split")
     train_batches, test_batches = train_stream(cfg, device, train_split, batch_size), test_stream(cfg, device)
-    torch.manual_seed(cfg["seed"])
-    model = prepare_module(models.build(arch, n_classes), device, cfg["runtime"]["channels_last"])
     meta = {"arch": arch, "num_classes": n_classes, "dataset": cfg["dataset"]["name"], "seed": cfg["seed"]}
 
     def step_loss(x, y, epoch):

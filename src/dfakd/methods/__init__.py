@@ -43,7 +43,8 @@ def build(
     options: dict[str, Any],
     context: DistillContext,
 ) -> list[DistillMethod]:
-    for name in options:
+    for name, opts in options.items():
         if name not in METHODS:
             raise DfakdError(f"distill.options has options for unknown method {name!r}")
+        METHODS[name].resolve_options(opts)  # options of a method not in use are checked too
     return [METHODS[n].from_config(teacher, student, options.get(n) or {}, context) for n in names]

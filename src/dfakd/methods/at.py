@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from dfakd.errors import DfakdError
 from dfakd.methods.base import DistillMethod, match_groups
 from dfakd.models import FeatureNet, NetFeatures
 
@@ -37,16 +36,12 @@ class AT(DistillMethod):
 
     name: ClassVar[str] = "at"
     DEFAULTS: ClassVar[dict[str, Any]] = {"weight": 1000.0, "p": 2.0}
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {"weight": (0.0, True), "p": (0.0, False)}
 
     def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
         super().__init__(teacher, student, options)
         self.weight = float(self.options["weight"])
         self.p = float(self.options["p"])
-        if not self.p > 0:
-            raise DfakdError(
-                f"option 'p' of method 'at' (config key 'distill.options.at.p') must be > 0, "
-                f"got {self.options['p']!r}"
-            )
         #: (teacher group index, student group index) of every pair of groups with one spatial size
         self.pairs: list[tuple[int, int]] = [
             (pair.teacher.index, pair.student.index) for pair in match_groups(teacher, student)

@@ -14,6 +14,7 @@ Options come from ``distill.options.<name>`` in the config, checked against the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,6 +60,8 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str]
     DEFAULTS: ClassVar[dict[str, Any]] = {"weight": 1.0}
+    #: option -> (lower bound, bound allowed); every method's ``weight`` is >= 0
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {"weight": (0.0, True)}
 
     def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
         super().__init__()
@@ -73,14 +76,36 @@ class DistillMethod(nn.Module):
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
+        """The defaults with ``options`` over them; each option of the default's type and in its range
+        (``BOUNDS``), so that a bad option is refused when a workflow is planned, not in the job."""
+        where = f"config key 'distill.options.{cls.name}'"
+        if options is not None and not isinstance(options, dict):
+            raise DfakdError(f"{where} must be a mapping of option: value, got {options!r}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.DEFAULTS))
         if unknown:
             raise DfakdError(
-                f"unknown option(s) {', '.join(unknown)} for method '{cls.name}' "
-                f"(config key 'distill.options.{cls.name}'); allowed: {', '.join(cls.DEFAULTS)}"
+                f"unknown option(s) {', '.join(map(str, unknown))} for method '{cls.name}' "
+                f"({where}); allowed: {', '.join(cls.DEFAULTS)}"
             )
-        return {**cls.DEFAULTS, **options}
+        for key, value in options.items():
+            default = cls.DEFAULTS[key]
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = numeric and (isinstance(default, float) or isinstance(value, int))
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                kind = "a number" if isinstance(default, float) else "an integer"
+                raise DfakdError(
+                    f"option '{key}' of method '{cls.name}' ({where}.{key}) must be {kind}, got {value!r}"
+                )
+        resolved = {**cls.DEFAULTS, **options}
+        for key, (low, inclusive) in cls.BOUNDS.items():
+            value = resolved[key]
+            if value < low or (value == low and not inclusive):
+                raise DfakdError(
+                    f"option '{key}' of method '{cls.name}' ({where}.{key}) must be "
+                    f"{'>=' if inclusive else '>'} {low:g}, got {value!r}"
+                )
+        return {k: float(v) if isinstance(cls.DEFAULTS[k], float) else v for k, v in resolved.items()}
 
     def settings(self) -> dict[str, Any]:
         """What decides this method's loss, as flat ``distill.options.<name>.<key>`` settings (resolved

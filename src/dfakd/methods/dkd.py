@@ -58,6 +58,13 @@ class DKD(DistillMethod):
         "temperature": 4.0,
         "warmup_epochs": 20,
     }
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {
+        "weight": (0.0, True),
+        "alpha": (0.0, True),
+        "beta": (0.0, True),
+        "temperature": (0.0, False),
+        "warmup_epochs": (0.0, True),
+    }
 
     def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
         super().__init__(teacher, student, options)
@@ -66,15 +73,6 @@ class DKD(DistillMethod):
         self.beta = float(self.options["beta"])
         self.temperature = float(self.options["temperature"])
         self.warmup_epochs = float(self.options["warmup_epochs"])
-        for key, ok, bound in (
-            ("temperature", self.temperature > 0, "> 0"),
-            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
-        ):
-            if not ok:
-                raise DfakdError(
-                    f"option '{key}' of method 'dkd' (config key 'distill.options.dkd.{key}') must be "
-                    f"{bound}, got {self.options[key]!r}"
-                )
 
     def warmup_factor(self, epoch: float) -> float:
         """``min(epoch / warmup_epochs, 1)``; 1 when ``warmup_epochs`` is 0."""

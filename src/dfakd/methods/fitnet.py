@@ -32,6 +32,7 @@ class FitNet(DistillMethod):
 
     name: ClassVar[str] = "fitnet"
     DEFAULTS: ClassVar[dict[str, Any]] = {"weight": 100.0, "hint_group": -1}
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {"weight": (0.0, True), "hint_group": (-1, True)}
 
     def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
         super().__init__(teacher, student, options)

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from dfakd.errors import DfakdError
 from dfakd.methods.base import DistillMethod
 from dfakd.models import FeatureNet, NetFeatures
 
@@ -38,16 +37,12 @@ class KD(DistillMethod):
 
     name: ClassVar[str] = "kd"
     DEFAULTS: ClassVar[dict[str, Any]] = {"weight": 0.9, "temperature": 4.0}
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {"weight": (0.0, True), "temperature": (0.0, False)}
 
     def __init__(self, teacher: FeatureNet, student: FeatureNet, options: dict[str, Any]) -> None:
         super().__init__(teacher, student, options)
         self.weight = float(self.options["weight"])
         self.temperature = float(self.options["temperature"])
-        if not self.temperature > 0:
-            raise DfakdError(
-                f"option 'temperature' of method 'kd' (config key 'distill.options.kd.temperature') "
-                f"must be > 0, got {self.options['temperature']!r}"
-            )
 
     def forward(
         self, s: NetFeatures, t: NetFeatures, y: torch.Tensor, epoch: float

@@ -75,6 +75,12 @@ class AggregatedFeatureDistill(DistillMethod):
         "margin_fallback_std": 3.0,
         "margin_batches": 0,  # training batches for the margin estimate; 0 = the whole training set
     }
+    BOUNDS: ClassVar[dict[str, tuple[float, bool]]] = {
+        "weight": (0.0, True),
+        "group_decay": (0.0, False),
+        "margin_fallback_std": (0.0, True),
+        "margin_batches": (0, True),
+    }
 
     def __init__(
         self,
