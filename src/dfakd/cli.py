@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -49,8 +50,9 @@ def _load_cfg(args: argparse.Namespace) -> dict:
     if args.parent_run_file and Path(args.parent_run_file).is_file():
         # the pipeline's parent run names the store every job of the invocation logs to
         parent = json.loads(Path(args.parent_run_file).read_text())
-        cfg["tracking"]["parent_run_id"] = parent["run_id"]
-        cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent["uri"]
+        if parent.get("run_id"):  # null: no parent run could be created, the job runs on its own
+            cfg["tracking"]["parent_run_id"] = parent["run_id"]
+        cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent.get("uri")
     return cfg
 
 
@@ -174,6 +176,13 @@ def cmd_tracking_init(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
     info = tracking.start_pipeline_run(args.uri, args.experiment, args.results_dir, args.run_file, args.name)
+    if info["run_id"] is None:
+        print(
+            f"dfakd tracking-init: warning: MLflow at {info['uri']} unreachable ({info['error']}); the jobs "
+            f"train offline, `dfakd sync-mlflow {shlex.quote(args.results_dir)}` sends their runs later",
+            file=sys.stderr,
+        )
+        return 0
     print(f"MLflow parent run {info['run_id']} in {info['uri']} (experiment {args.experiment})")
     return 0
 
@@ -181,7 +190,9 @@ def cmd_tracking_init(args: argparse.Namespace) -> int:
 def cmd_tracking_finish(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
-    tracking.finish_pipeline_run(args.run_file, args.status)
+    problem = tracking.finish_pipeline_run(args.run_file, args.status)
+    if problem:
+        print(f"dfakd tracking-finish: warning: parent run not closed: {problem}", file=sys.stderr)
     return 0
 
 
@@ -225,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("prepare-data", help="write the offline demo dataset, or check/download CIFAR")
-    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10"])
+    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10", "imagefolder"])
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
     p.add_argument("--force", action="store_true", help="rewrite mnist5k even if complete")
