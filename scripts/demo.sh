@@ -5,8 +5,10 @@
 # Extra arguments go to snakemake (e.g. --cores 4, or -n for a dry run).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+source scripts/recover_lock.sh
 OUT=results/demo
 
+recover_stale_lock  # after a kill -9 of an earlier run; its killed jobs then resume (--rerun-incomplete)
 snakemake --cores all "$@"
 snakemake --report "$OUT/report.html"
 

@@ -186,7 +186,7 @@ def write_imagefolder(
     """Small RGB PNGs, ``root/{train,test}/<class>/<i>.png``; each class has its own colour cast under
     strong noise, so a tiny network learns them, but not at once."""
     rng = np.random.default_rng(seed)
-    classes = [f"class_{c}" for c in "abcdefgh"[:n_classes]]
+    classes = [f"class_{c}" for c in "abcdefghij"[:n_classes]]
     images: dict[str, list[tuple[Path, int, np.ndarray]]] = {}
     for split, n in (("train", n_train), ("test", n_test)):
         images[split] = []

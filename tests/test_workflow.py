@@ -16,15 +16,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import cli_env
+from conftest import cli_env, run_cli, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "config/config.yaml"
@@ -335,6 +339,31 @@ def test_invalid_config_stops_the_dry_run(mutate: Callable, message: str, tmp_pa
     assert "Job stats" not in text
 
 
+def test_every_path_in_a_shell_command_is_one_argument(tmp_path: Path) -> None:
+    """With spaces in results_dir, in a dataset root and in an imported teacher's path, every rule's shell
+    command (as Snakemake plans it) splits into words that keep each path whole."""
+    spaced = tmp_path / "with space"
+    cfg = _valid(tmp_path)
+    cfg["results_dir"] = str(spaced / "results")
+    cfg["datasets"]["c100"]["root"] = str(spaced / "cifar")
+    ckpt = spaced / "teacher.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"placeholder")
+    imported = {"arch": "resnet32x4", "dataset": "c100", "checkpoint": str(ckpt), "sha256": "a" * 64}
+    cfg["teachers"]["t32"] = imported
+    cfg["pairs"].append({"teacher": "t32", "student": "resnet8x4", "recipe": "r"})
+    _, text = dry_run(write_yaml(tmp_path / "spaced.yaml", cfg), extra=("--printshellcmds",))
+    commands = [c for c in re.findall(r"^Shell command: (.*)$", text, re.M) if c != "None"]  # rule all: None
+    verbs = {re.search(r"\bdfakd ([a-z-]+)", c).group(1) for c in commands}
+    assert verbs == {"prepare-data", "train", "import-teacher", "evaluate", "search", "derive", "distill"} | {
+        "summarize", "plot"
+    }
+    for command in commands:
+        words = shlex.split(command)
+        assert not [w for w in words if w.startswith("space/") or w.endswith("/with")], command
+        assert any("with space/" in w for w in words), command
+
+
 # ----------------------------------------------------------------------------------- style checks
 
 
@@ -477,3 +506,202 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(
     assert counts == expected
     assert {re.search(r"method=(\S+?),", w).group(1) for w in planned_wildcards(text, "distill")} == distilled
     assert "params" in text.lower()  # the reason: Snakemake's params-change rerun trigger
+
+
+# --------------------------------- a user's own data, a space in results_dir, MLflow down, kill -9
+
+
+RECOVER = ["bash", "scripts/recover_lock.sh"]  # what scripts/demo.sh runs first
+
+
+def free_port() -> int:
+    """A port that nothing listens on (bound once by the OS, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OwnDataRun:
+    """A small DAG on a user's own data, run for real once: an `imagefolder` dataset (3 classes of 32x32
+    PNGs; a teacher, a search, vanilla and DFA students), ``results_dir`` with a space, MLflow down
+    (``MLFLOW_TRACKING_URI`` at a closed port). The first ``snakemake`` is killed (SIGKILL, with its jobs)
+    while the teacher trains; then README's recovery: ``scripts/recover_lock.sh`` (what demo.sh runs first)
+    and a plain rerun. A later test adds a `cinic10` dataset (its 10 classes, a few images each)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.results = root / "with space" / "results"
+        write_imagefolder(root / "imgs", n_classes=3, n_train=16, n_test=6)
+        self.cfg = {
+            "experiment": "own",
+            "results_dir": str(self.results),
+            "datasets": {
+                "imgs": {"name": "imagefolder", "root": str(root / "imgs")},
+            },
+            "recipes": {
+                "teacher": {"epochs": 4, "batch_size": 16, "lr": 0.05},
+                "student": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+            },
+            "teachers": {
+                "t20": {"arch": "resnet20", "dataset": "imgs", "recipe": "teacher"},
+            },
+            "pairs": [{"teacher": "t20", "student": "resnet8", "recipe": "student"}],
+            "methods": {"vanilla": {"method": "vanilla"}, "dfa": {"method": "dfa", "aggregation": "prune"}},
+            "seeds": [0],
+            "search": {"epochs": 1, "batch_size": 16},
+            "job": {
+                "runtime": {"device": "cpu", "eval_batch_size": 64, "log_every": 1},
+                "tracking": {"retries": 0, "backoff_s": 0},
+            },
+        }
+        self.configfile = write_yaml(root / "own.yaml", self.cfg)
+        self.out = self.results / "own"
+        self.env = {**_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+        self.teacher_dir = self.out / "teachers/imgs/t20/s0"
+
+    def snakemake(self, *args: str, overlay: Path | None = None, env: dict | None = None) -> Any:
+        files = [self.configfile] + ([overlay] if overlay else [])
+        return subprocess.run(
+            [sys.executable, "-m", "snakemake", *map(str, args), "--configfile", *files],
+            cwd=REPO, env=env or self.env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory: pytest.TempPathFactory) -> OwnDataRun:
+    run = OwnDataRun(tmp_path_factory.mktemp("own_data"))
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(run.configfile)]
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (run.teacher_dir / "checkpoint.pt").is_file():  # the teacher's first epoch is done
+        assert first.poll() is None, first.stdout.read().decode()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)  # snakemake and its jobs, as a crashed machine
+    first.wait()
+    run.first_output = first.stdout.read().decode()
+    run.killed_mid_job = not (run.teacher_dir / "result.json").exists()
+    run.locked = run.snakemake("--cores", "2")  # the lock outlived its snakemake
+    run.recovery = subprocess.run(RECOVER, cwd=REPO, env=run.env, capture_output=True, text=True, timeout=120)
+    run.rerun = run.snakemake("--cores", "2")
+    (run.root / "snakemake.log").write_text(run.first_output + output_of(run.locked) + output_of(run.rerun))
+    assert run.rerun.returncode == 0, output_of(run.rerun)[-6000:]
+    return run
+
+
+@pytest.mark.slow
+def test_own_data_with_mlflow_down_and_a_space_runs_to_its_summary(own_run: OwnDataRun) -> None:
+    out = own_run.out
+    md = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in md for m in own_run.cfg["methods"])
+    assert len(list((out / "students/imgs").glob("*/*/*/s0/eval.json"))) == 2
+    assert json.loads((own_run.teacher_dir / "eval.json").read_text())["n"] == 18  # 3 classes x 6
+    # MLflow down: the pipeline started with one warning line, no parent run, every job trained offline
+    text = output_of(own_run.rerun)
+    assert len(re.findall(r"warning: MLflow at http://127\.0\.0\.1:\d+ unreachable", text)) == 1, text[-3000:]
+    assert "Traceback" not in text
+    parent = json.loads((out / "mlflow_parent_run.json").read_text())
+    assert parent["run_id"] is None and parent["offline"] is True
+    for run_file in out.rglob("mlflow_run.json"):
+        info = json.loads(run_file.read_text())
+        assert info["run_id"] is None and "mlflow.parentRunId" not in info["tags"], run_file
+    # every path was one argument: nothing was written beside results/ or into the repository
+    assert sorted(os.listdir(own_run.root)) == ["imgs", "own.yaml", "snakemake.log", "with space"]
+    assert os.listdir(own_run.root / "with space") == ["results"]
+    assert not any((REPO / name).exists() for name in ("space", "with"))
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_documented_recovery_resumes_the_killed_job(own_run: OwnDataRun) -> None:
+    assert own_run.killed_mid_job, own_run.first_output[-3000:]
+    assert own_run.locked.returncode != 0 and "Directory cannot be locked" in output_of(own_run.locked)
+    assert own_run.recovery.returncode == 0, output_of(own_run.recovery)
+    assert "stale Snakemake lock" in own_run.recovery.stdout
+    log = (own_run.out / "logs/train_teacher/imgs/t20/s0.log").read_text()
+    assert re.search(r"resuming from .*checkpoint\.pt after epoch [1-3] of 4 epochs", log), log[-2000:]
+    result = json.loads((own_run.teacher_dir / "result.json").read_text())
+    assert result["epochs"] == 4
+
+
+@pytest.mark.slow
+def test_recover_lock_leaves_a_live_run_alone(tmp_path: Path) -> None:
+    """A lock held by a running snakemake in this directory is not removed: the run here is held in its
+    onstart hook by an MLflow server that accepts connections and never answers."""
+    locks = REPO / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()):
+        pytest.skip("a snakemake run holds a lock in the repository")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = {**_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"
+        configfile = write_yaml(tmp_path / "v.yaml", _valid(tmp_path))
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", configfile],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not (locks.is_dir() and any(locks.iterdir())):
+                assert holder.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc = subprocess.run(RECOVER, cwd=REPO, env=_env(), capture_output=True, text=True)
+            assert proc.returncode == 0 and "not unlocking" in proc.stderr, output_of(proc)
+            assert any(locks.iterdir())
+        finally:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+    proc = subprocess.run(RECOVER, cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert "stale Snakemake lock" in proc.stdout, output_of(proc)  # now that it is gone
+    assert not (locks.is_dir() and any(locks.iterdir()))
+
+
+@pytest.mark.slow
+def test_cinic10_and_a_corrupt_mlflow_db_then_sync_mlflow(own_run: OwnDataRun, tmp_path: Path) -> None:
+    """The experiment grows by a `cinic10` pair while the default store (no MLFLOW_TRACKING_URI) is a
+    garbage mlflow.db; then `dfakd sync-mlflow` sends every job's run to a working store."""
+    from mlflow.tracking import MlflowClient
+
+    (own_run.out / "mlflow.db").write_bytes(os.urandom(4096))
+    write_imagefolder(tmp_path / "cinic", n_classes=10, n_train=2, n_test=1, seed=1)
+    pairs = [*own_run.cfg["pairs"], {"teacher": "t8", "student": "resnet8", "recipe": "student"}]
+    pairs[1]["methods"] = ["vanilla"]
+    grown = {
+        "datasets": {"cin": {"name": "cinic10", "root": str(tmp_path / "cinic")}},
+        "teachers": {"t8": {"arch": "resnet8", "dataset": "cin", "recipe": "student"}},
+        "pairs": pairs,
+    }
+    proc = own_run.snakemake("--cores", "2", overlay=write_yaml(tmp_path / "grown.yaml", grown), env=_env())
+    text = output_of(proc)
+    assert proc.returncode == 0, text[-4000:]
+    rules = ("prepare_data", "train_teacher", "evaluate_teacher", "distill", "evaluate_student")
+    assert job_stats(text) == dict.fromkeys((*rules, "summary", "plots", "all"), 1)  # the new pair's jobs
+    assert len(re.findall(r"warning: MLflow at sqlite:.* unreachable", text)) == 1, text[-3000:]
+    assert "Traceback" not in text and "warning: parent run" not in text
+    assert json.loads((own_run.out / "mlflow_parent_run.json").read_text())["run_id"] is None
+    cin = own_run.out / "students/cin/t8/resnet8/vanilla/s0"
+    assert json.loads((cin / "mlflow_run.json").read_text())["uri"].startswith("sqlite:")
+    assert json.loads((own_run.out / "teachers/cin/t8/s0/eval.json").read_text())["n"] == 10  # 10 classes x 1
+    assert "| vanilla |" in (own_run.out / "summary.md").read_text()
+    # later, to a working store: every job's run, with its metrics, FINISHED
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    synced = run_cli("sync-mlflow", own_run.results, "--uri", store, cwd=tmp_path, timeout=300)
+    assert synced.returncode == 0, output_of(synced)[-3000:]
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("own").experiment_id], max_results=100)
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages == ["distill"] * 3 + ["search"] + ["train"] * 2
+    assert all(r.info.status == "FINISHED" and r.data.metrics for r in runs)
+
+
+@pytest.mark.xfail(strict=False, reason="needs typed resolve_options")
+def test_method_options_are_checked_when_the_workflow_is_planned(tmp_path: Path) -> None:
+    cfg = _valid(tmp_path)
+    cfg["methods"] = {"kd": {"method": "kd", "options": {"kd": {"weight": "heavy"}}}}
+    proc = snakemake("-n", "--configfile", write_yaml(tmp_path / "bad.yaml", cfg))
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert "methods.kd.options.kd" in text, text[-3000:]
+    assert "Job stats" not in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def _load_cfg(args: argparse.Namespace) -> dict:
     if args.parent_run_file and Path(args.parent_run_file).is_file():
         # the pipeline's parent run names the store every job of the invocation logs to
         parent = read_json(args.parent_run_file, "parent run file")
-        cfg["tracking"]["parent_run_id"] = parent["run_id"]
-        cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent["uri"]
+        if parent.get("run_id"):  # null: no parent run could be created, the job runs on its own
+            cfg["tracking"]["parent_run_id"] = parent["run_id"]
+        cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent.get("uri")
     return cfg
 
 
@@ -179,6 +181,13 @@ def cmd_tracking_init(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
     info = tracking.start_pipeline_run(args.uri, args.experiment, args.results_dir, args.run_file, args.name)
+    if info["run_id"] is None:
+        print(
+            f"dfakd tracking-init: warning: MLflow at {info['uri']} unreachable ({info['error']}); the jobs "
+            f"train offline, `dfakd sync-mlflow {shlex.quote(args.results_dir)}` sends their runs later",
+            file=sys.stderr,
+        )
+        return 0
     print(f"MLflow parent run {info['run_id']} in {info['uri']} (experiment {args.experiment})")
     return 0
 
@@ -186,7 +195,9 @@ def cmd_tracking_init(args: argparse.Namespace) -> int:
 def cmd_tracking_finish(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
-    tracking.finish_pipeline_run(args.run_file, args.status)
+    problem = tracking.finish_pipeline_run(args.run_file, args.status)
+    if problem:
+        print(f"dfakd tracking-finish: warning: parent run not closed: {problem}", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -282,7 +283,7 @@ class Tracker:
                 self.online = False
                 self._warn(
                     f"MLflow still unreachable at the end ({exc.__class__.__name__}); run "
-                    f"`dfakd sync-mlflow {self.run_dir}` once it is back"
+                    f"`dfakd sync-mlflow {shlex.quote(str(self.run_dir))}` once it is back"
                 )
                 return
         self._call(f"mark the run {status}", lambda c: c.set_terminated(self.run_id, status=status))
@@ -302,21 +303,37 @@ class Tracker:
 
 def start_pipeline_run(
     uri: str | None, experiment: str, results_dir: str | Path, run_file: str | Path, name: str
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Create the store and experiment (once, before parallel jobs start) and a parent run for one
-    pipeline invocation; its id goes to ``run_file`` for the jobs to nest under."""
+    pipeline invocation; its id goes to ``run_file`` for the jobs to nest under.
+
+    Tracking never stops a pipeline: when the store is unreachable or broken, ``run_file`` says so
+    (``run_id`` null, ``offline`` true, the error), the jobs train offline with no parent run, and
+    ``dfakd sync-mlflow`` replays them later. A run file left by an earlier invocation is replaced either way.
+    """
 
     _prepare_client_env(10)
     uri = resolve_uri(uri, results_dir)
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    exp_id = ensure_experiment(uri, experiment, results_dir)
-    run = client_for(uri).create_run(exp_id, run_name=name, tags={"stage": "pipeline"})
-    info = {"uri": uri, "run_id": run.info.run_id, "experiment_id": exp_id}
+    try:
+        exp_id = ensure_experiment(uri, experiment, results_dir)
+        run = client_for(uri).create_run(exp_id, run_name=name, tags={"stage": "pipeline"})
+        info: dict[str, Any] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": exp_id}
+    except Exception as exc:
+        info = {"uri": uri, "run_id": None, "offline": True, "error": exc.__class__.__name__}
     atomic_write_text(run_file, json.dumps(info) + "\n")
     return info
 
 
-def finish_pipeline_run(run_file: str | Path, status: str) -> None:
+def finish_pipeline_run(run_file: str | Path, status: str) -> str | None:
+    """Close the parent run; returns why it could not (never raises for an unreachable store). Nothing to
+    do when there is none (the store was unreachable when the pipeline started, which it said then)."""
     _prepare_client_env(10)
     info = json.loads(Path(run_file).read_text())
-    client_for(info["uri"]).set_terminated(info["run_id"], status=status)
+    if not info.get("run_id"):
+        return None
+    try:
+        client_for(info["uri"]).set_terminated(info["run_id"], status=status)
+    except Exception as exc:
+        return f"MLflow at {info['uri']} unreachable ({exc.__class__.__name__})"
+    return None

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,21 @@ def final_outputs():
     ]
 
 
+def option(flag, value):
+    """``[flag, value]`` (nothing when value is empty): argv words that a rule's shell command gives as
+    ``{params.x:q}``, which quotes each word, so that a path with a space stays one argument.
+    """
+    return [flag, str(value)] if value else []
+
+
+def teacher_options():
+    return [
+        word
+        for key, path in teacher_evaluations().items()
+        for word in option("--teacher", f"{key}={path}")
+    ]
+
+
 def published_json():
     refs = {}
     for pair in config["pairs"]:
@@ -312,17 +328,35 @@ check_config()
 # ---- MLflow: one parent run per pipeline invocation ------------------------------------------------
 
 
+# Tracking never stops the pipeline: `dfakd tracking-init` writes a parent run file that says "offline"
+# when the store is unreachable or broken (the jobs then train offline, `dfakd sync-mlflow` replays them);
+# should it fail otherwise, the hook drops a stale parent run file and warns in one line. The hooks never raise.
+
+
+def _tracking_cli(verb, *args):
+    cmd = [sys.executable, "-m", "dfakd", verb, *args]
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except OSError as exc:
+        return str(exc)
+
+
 def start_pipeline_run():
     tracking = config.get("tracking", {})
     if not tracking.get("enabled", True):
         return
-    cmd = [
-        sys.executable, "-m", "dfakd", "tracking-init", "--experiment", EXP, "--results-dir", OUT,
-        "--run-file", PARENT_RUN_FILE, "--name", f"pipeline {EXP}",
-    ]  # fmt: skip
+    args = ["--experiment", EXP, "--results-dir", OUT, "--run-file", PARENT_RUN_FILE]
+    args += ["--name", f"pipeline {EXP}"]
     if tracking.get("uri"):
-        cmd += ["--uri", tracking["uri"]]
-    subprocess.run(cmd, check=True)
+        args += ["--uri", tracking["uri"]]
+    outcome = _tracking_cli("tracking-init", *args)
+    if outcome != 0:
+        Path(PARENT_RUN_FILE).unlink(missing_ok=True)
+        print(
+            f"dfakd workflow: warning: no MLflow parent run (dfakd tracking-init: {outcome}); "
+            f"the jobs track on their own or offline (`dfakd sync-mlflow {shlex.quote(OUT)}` replays them)",
+            file=sys.stderr,
+        )
 
 
 def finish_pipeline_run(status):
@@ -330,17 +364,6 @@ def finish_pipeline_run(status):
         config.get("tracking", {}).get("enabled", True)
         and Path(PARENT_RUN_FILE).is_file()
     ):
-        cmd = [
-            sys.executable,
-            "-m",
-            "dfakd",
-            "tracking-finish",
-            "--run-file",
-            PARENT_RUN_FILE,
-            "--status",
-            status,
-        ]
-        subprocess.run(cmd, check=False)
-
-
-PARENT_RUN_ARG = f"--parent-run-file {PARENT_RUN_FILE}"
+        _tracking_cli(
+            "tracking-finish", "--run-file", PARENT_RUN_FILE, "--status", status
+        )

@@ -23,4 +23,4 @@ rule prepare_data:
             "--download" if config["datasets"][w.dataset].get("download") else ""
         ),
     shell:
-        "dfakd prepare-data {params.name} --root {params.root} {params.download} > {log} 2>&1"
+        "dfakd prepare-data {params.name} --root {params.root:q} {params.download} > {log:q} 2>&1"

@@ -38,10 +38,10 @@ rule search:
     params:
         job=lambda w: as_json(search_job(w.dataset, w.teacher, w.student, w.sseed)),
         run_dir=lambda w, output: os.path.dirname(output.search),
-        parent=PARENT_RUN_ARG,
+        parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} {params.parent} --set teacher.checkpoint={input.teacher} "
-        "-o {params.run_dir} > {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --set teacher.checkpoint={input.teacher:q} "
+        "-o {params.run_dir:q} > {log:q} 2>&1"
 
 
 # deriving an aggregation reads one JSON and writes one YAML: not worth a cluster job
@@ -68,6 +68,6 @@ rule derive:
         job=lambda w: as_json(
             derive_job(w.dataset, w.teacher, w.student, w.sseed, w.mode)
         ),
-        search=lambda w, input: f"--search {input.search}" if input.search else "",
+        search=lambda w, input: option("--search", input.search),
     shell:
-        "dfakd derive --config-json {params.job:q} --mode {wildcards.mode} {params.search} -o {output} > {log} 2>&1"
+        "dfakd derive --config-json {params.job:q} --mode {wildcards.mode} {params.search:q} -o {output:q} > {log:q} 2>&1"

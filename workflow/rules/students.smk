@@ -27,13 +27,11 @@ rule distill:
             student_job(w.dataset, w.teacher, w.student, w.method, w.seed)
         ),
         run_dir=lambda w, output: os.path.dirname(output.result),
-        aggregation=lambda w, input: (
-            f"--aggregation {input.aggregation}" if input.aggregation else ""
-        ),
-        parent=PARENT_RUN_ARG,
+        aggregation=lambda w, input: option("--aggregation", input.aggregation),
+        parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} {params.parent} --teacher {input.teacher} "
-        "{params.aggregation} -o {params.run_dir} > {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --teacher {input.teacher:q} "
+        "{params.aggregation:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule evaluate_student:
@@ -57,5 +55,5 @@ rule evaluate_student:
     params:
         job=lambda w: as_json(job_config(w.dataset, w.student)),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint} -o {output} "
-        "> {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "> {log:q} 2>&1"

@@ -27,14 +27,12 @@ rule summary:
         mem_mb=2000,
         runtime=10,
     params:
-        teachers=" ".join(
-            f"--teacher {k}={v}" for k, v in teacher_evaluations().items()
-        ),
+        teachers=teacher_options(),
         published=published_json(),
         title=f"dfakd experiment {EXP}",
     shell:
-        "dfakd summarize {input.results} {params.teachers} --published-json {params.published:q} "
-        "--title {params.title:q} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "dfakd summarize {input.results:q} {params.teachers:q} --published-json {params.published:q} "
+        "--title {params.title:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
 
 
 rule plots:
@@ -63,9 +61,7 @@ rule plots:
         mem_mb=2000,
         runtime=10,
     params:
-        teachers=" ".join(
-            f"--teacher {k}={v}" for k, v in teacher_evaluations().items()
-        ),
+        teachers=teacher_options(),
     shell:
-        "dfakd plot {input.results} {params.teachers} --accuracy {output.accuracy} --curves {output.curves} "
-        "> {log} 2>&1"
+        "dfakd plot {input.results:q} {params.teachers:q} --accuracy {output.accuracy:q} --curves {output.curves:q} "
+        "> {log:q} 2>&1"

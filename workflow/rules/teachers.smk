@@ -23,9 +23,9 @@ rule train_teacher:
     params:
         job=lambda w: as_json(teacher_job(w.teacher)),
         run_dir=lambda w, output: os.path.dirname(output.best),
-        parent=PARENT_RUN_ARG,
+        parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} {params.parent} -o {params.run_dir} > {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule import_teacher:
@@ -46,14 +46,10 @@ rule import_teacher:
     params:
         arch=lambda w: teacher_def(w.teacher)["arch"],
         num_classes=lambda w: dataset_classes(w.dataset),
-        sha256=lambda w: (
-            f"--sha256 {teacher_def(w.teacher)['sha256']}"
-            if teacher_def(w.teacher).get("sha256")
-            else ""
-        ),
+        sha256=lambda w: option("--sha256", teacher_def(w.teacher).get("sha256")),
     shell:
-        "dfakd import-teacher {input.checkpoint} --arch {params.arch} --num-classes {params.num_classes} "
-        "{params.sha256} --out {output.best} > {log} 2>&1"
+        "dfakd import-teacher {input.checkpoint:q} --arch {params.arch:q} --num-classes {params.num_classes} "
+        "{params.sha256:q} --out {output.best:q} > {log:q} 2>&1"
 
 
 rule evaluate_teacher:
@@ -79,5 +75,5 @@ rule evaluate_teacher:
     params:
         job=lambda w: as_json(job_config(w.dataset, teacher_def(w.teacher)["arch"])),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint} -o {output} "
-        "> {log} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "> {log:q} 2>&1"
