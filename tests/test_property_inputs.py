@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 from conftest import cli_env, tiny_config, write_imagefolder
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dfakd import cli, config, models
@@ -151,6 +151,7 @@ def _run(world: World, argv: list[str]) -> None:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
     text = err.getvalue()
+    event(f"{args[0]} exit {code}")
     assert "Traceback" not in text, text
     assert code in (0, 2), (args, text)
     if code == 2:
@@ -183,6 +184,7 @@ def test_mutated_job_configs(world: World, data: st.DataObject) -> None:
     verb = data.draw(st.sampled_from(sorted(VERBS)))
     cfg = data.draw(mutated(world.cfg, frozen=("tracking",)))
     if not isinstance(cfg, dict) or not _affordable(cfg):
+        event("not run: a long valid job")
         return
     path = _write("mutated.yaml", cfg, world)
     teacher = str(world.base / "teacher.pt")
