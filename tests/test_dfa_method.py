@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -28,7 +30,7 @@ from dfakd.jobs import search as search_job
 from dfakd.jobs.common import test_stream as make_test_stream
 from dfakd.methods import aggregation
 from dfakd.methods.base import DistillContext, match_groups
-from dfakd.methods.bridge import BridgeSearch, frozen_batchnorm_stats
+from dfakd.methods.bridge import BridgeSearch, frozen_batchnorm_stats, unit_distance
 from dfakd.methods.ofd import DFA, OFD
 from dfakd.models import FeatureNet, GroupInfo, NetFeatures
 from dfakd.training.loop import evaluate
@@ -165,6 +167,74 @@ def test_bridge_gradients_follow_the_two_paths(i: int):
     assert st == expected_st, f"missing {sorted(expected_st - st)}, unexpected {sorted(st - expected_st)}"
 
 
+# ----------------------------------------------- 1b. eq. 11: the student-to-teacher path is scale-free
+
+
+def _st_term_and_beta_grad(scale: float, i: int = 0, distance: str = "normalized"):
+    teacher, student = build_pair()
+    torch.manual_seed(1)
+    bridge = BridgeSearch(match_groups(teacher, student), st_distance=distance)
+    with torch.no_grad():
+        bridge.betas[i].copy_(torch.tensor([0.3, -0.2, 0.1]))
+    x, y = random_batch(1)
+    with torch.no_grad():
+        t = teacher.forward_features(x)
+        s = student.forward_features(x)
+    t.candidates[i] = [c * scale for c in t.candidates[i]]
+    st = bridge.bridge(student, s, t, y, [i])[f"st_{i}"]
+    (grad,) = torch.autograd.grad(st, [bridge.betas[i]])
+    return st.detach(), grad
+
+
+@settings(max_examples=12, deadline=None)
+@given(scale=st.floats(min_value=1e-3, max_value=1e3))
+def test_st_term_and_its_beta_gradient_ignore_the_scale_of_the_candidates(scale: float):
+    base_term, base_grad = _st_term_and_beta_grad(1.0)
+    term, grad = _st_term_and_beta_grad(scale)
+    assert term == pytest.approx(base_term.item(), rel=1e-4, abs=1e-6)
+    assert torch.allclose(grad, base_grad, rtol=1e-3, atol=1e-6), (grad, base_grad)
+
+
+def test_raw_mse_ablation_is_not_scale_free():
+    base_term, _ = _st_term_and_beta_grad(1.0, distance="mse")
+    term, _ = _st_term_and_beta_grad(2.0, distance="mse")
+    assert term.item() != pytest.approx(base_term.item(), rel=1e-2)
+
+
+def test_st_term_is_zero_when_the_aggregate_is_a_positive_multiple_of_the_mapped_student_feature():
+    teacher, student = build_pair()
+    bridge = BridgeSearch(match_groups(teacher, student))
+    x, y = random_batch(1)
+    with torch.no_grad():
+        t = teacher.forward_features(x)
+        s = student.forward_features(x)
+        mapped = bridge.st[1](s.candidates[1][-1])
+    t.candidates[1] = [2.5 * mapped, 0.5 * mapped, 7.0 * mapped]  # any alpha mixes them to c * mapped
+    st_term = bridge.bridge(student, s, t, y, [1])["st_1"]
+    assert st_term.item() == pytest.approx(0.0, abs=1e-6)
+    assert unit_distance(mapped, -mapped).item() == pytest.approx(4.0, rel=1e-5)  # opposite: |u - (-u)|^2
+
+
+def test_connectors_are_1x1_convolutions_with_an_optional_bn():
+    pairs = match_groups(*build_pair())
+    plain, with_bn = BridgeSearch(pairs), BridgeSearch(pairs, st_bn=True)
+    for bridge, layers in ((plain, (nn.Conv2d,)), (with_bn, (nn.Conv2d, nn.BatchNorm2d))):
+        for i in range(len(pairs)):
+            assert tuple(type(m) for m in bridge.st[i]) == layers
+            assert isinstance(bridge.ts[i], nn.Conv2d) and bridge.ts[i].kernel_size == (1, 1)
+            assert bridge.st[i][0].kernel_size == (1, 1)
+
+
+def test_full_derivation_is_the_softmax_of_beta_exactly():
+    beta = torch.tensor([0.7, -1.3, 0.25, 2.0], dtype=torch.float32)
+    alpha = torch.softmax(beta, 0).tolist()
+    assert aggregation.derive_weights(alpha, "full") == alpha  # not renormalized, not rounded
+    doc = {"teacher": T_ARCH, "groups": [{"spatial": 8, "layers": ["a", "b", "c", "d"], "alpha": alpha}]}
+    agg = aggregation.from_search(doc, "full", 0.1, 2)
+    assert list(agg.groups[0].layers.values()) == alpha
+    assert config.DEFAULTS["derive"]["mode"] == "full"
+
+
 # ---------------------------------------------------------------- 2. beta step vs weight step
 
 
@@ -199,9 +269,10 @@ def _is_beta(key: str) -> bool:
 @pytest.mark.slow
 def test_search_loop_beta_step_changes_no_weight_and_weight_step_no_beta(tmp_path: Path, monkeypatch):
     """Runs the real `search` loop and snapshots the whole state after every optimizer step (a global
-    optimizer post-hook): after weight step k the next snapshot (after beta step k, which includes the
-    beta half's forward under `frozen_batchnorm_stats`) may differ only in betas, and after beta step k the
-    next (after weight step k+1) in anything but betas."""
+    optimizer post-hook). Algorithm 1's order: every iteration steps beta first, then w. After beta step
+    k the next snapshot (after weight step k) may differ in anything but betas, and after weight step k
+    the next (after beta step k+1, which includes the beta half's forward under `frozen_batchnorm_stats`)
+    only in betas."""
     root = write_separable_folder(tmp_path / "imgs", n_train=8, n_test=2)
     teacher_ckpt = save_teacher(tmp_path / "teacher.pt", num_classes=3)
     cfg = job_config(root, tmp_path, teacher_ckpt, search={"epochs": 1, "batch_size": 4})
@@ -228,32 +299,35 @@ def test_search_loop_beta_step_changes_no_weight_and_weight_step_no_beta(tmp_pat
         handle.remove()
 
     # 12 images per half / batch 4 = 3 steps per phase, 3 groupwise phases
-    assert [e[0] for e in events] == ["weight", "beta"] * 9
+    assert [e[0] for e in events] == ["beta", "weight"] * 9
     assert [e[1] for e in events[::2]] == [[0]] * 3 + [[1]] * 3 + [[2]] * 3
     keys = events[0][2].keys()
     assert any(k.endswith("running_var") for k in keys) and any(
         k.endswith("num_batches_tracked") for k in keys
     )
-    assert all(not events[0][2][k].any() for k in keys if _is_beta(k))  # betas start at 0, untouched
+    # the first beta step ran before any weight step: the weights are still the initial ones
+    assert events[0][2]["student.bn1.num_batches_tracked"].item() == 0
 
     moved = set()
     for k in range(9):
-        (_, active, after_w), (_, _, after_b) = events[2 * k], events[2 * k + 1]
-        changed = [key for key in keys if not _is_beta(key) and not torch.equal(after_w[key], after_b[key])]
-        assert not changed, f"beta step {k} changed {changed[:5]}"
-        for g in range(3):
-            same = torch.equal(after_w[f"bridge.betas.{g}"], after_b[f"bridge.betas.{g}"])
-            if g not in active:
-                assert same, f"beta step {k} moved the inactive group {g}"
-            elif not same:
-                moved.add(g)
+        (_, active, after_b), (_, _, after_w) = events[2 * k], events[2 * k + 1]
+        changed = [key for key in keys if _is_beta(key) and not torch.equal(after_b[key], after_w[key])]
+        assert not changed, f"weight step {k} changed {changed}"
+        # the weight step is real: weights and BN statistics move
+        assert not torch.equal(after_b["student.conv1.weight"], after_w["student.conv1.weight"])
+        assert not torch.equal(after_b["student.bn1.running_mean"], after_w["student.bn1.running_mean"])
         if k:
-            prev_b = events[2 * k - 1][2]
-            changed = [key for key in keys if _is_beta(key) and not torch.equal(prev_b[key], after_w[key])]
-            assert not changed, f"weight step {k} changed {changed}"
-            # the weight step is real: weights and BN statistics move
-            assert not torch.equal(prev_b["student.conv1.weight"], after_w["student.conv1.weight"])
-            assert not torch.equal(prev_b["student.bn1.running_mean"], after_w["student.bn1.running_mean"])
+            prev_w = events[2 * k - 1][2]
+            changed = [k2 for k2 in keys if not _is_beta(k2) and not torch.equal(prev_w[k2], after_b[k2])]
+            # between phases (3 steps each) the group just searched is fixed to its derived weights
+            fixed = [f"bridge.fixed_{k // 3 - 1}"] if k % 3 == 0 else []
+            assert changed == fixed, f"beta step {k} changed {changed[:5]}"
+            for g in range(3):
+                same = torch.equal(prev_w[f"bridge.betas.{g}"], after_b[f"bridge.betas.{g}"])
+                if g not in active:
+                    assert same, f"beta step {k} moved the inactive group {g}"
+                elif not same:
+                    moved.add(g)
     assert moved == {0, 1, 2}
 
 
@@ -475,15 +549,16 @@ def derive_setup(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_derive_cli_subprocess(derive_setup, tmp_path: Path):
-    """`python -m dfakd derive` in a fresh interpreter: default mode (prune, tau 0.1)."""
+    """`python -m dfakd derive` in a fresh interpreter: the default mode, full (Algorithm 1)."""
     cfg, search_json = derive_setup
     out = tmp_path / "agg.yaml"
     proc = run_cli("derive", "-c", cfg, "--search", search_json, "-o", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out} (prune)" in proc.stdout
+    assert f"wrote {out} (full)" in proc.stdout
     agg = aggregation.load(out)
     assert agg.teacher == T_ARCH and agg.source == str(search_json)
-    assert_groups(agg, EXPECTED[("prune", 0.1, 2)])
+    full = next(key for key in EXPECTED if key[0] == "full")
+    assert_groups(agg, EXPECTED[full])
 
 
 @pytest.mark.parametrize(("mode", "tau", "k"), list(EXPECTED))

@@ -48,12 +48,15 @@ DEFAULTS: dict[str, Any] = {
         "beta_weight_decay": 1.0e-3,
         "gamma_ts": 1.0,  # bridge loss = gamma_ts * L_TS + gamma_st * L_ST
         "gamma_st": 1.0,
+        "st_distance": "normalized",  # eq. 11: normalized (unit vectors, scale-free) | mse (raw; ablation)
+        "st_bn": False,  # a BatchNorm after the ST connector's 1x1 conv (fig. 3 has none; ablation)
         "regularizer": "none",  # R(beta): none | entropy (of alpha) | l2 (of beta)
         "regularizer_weight": 0.0,
         "record_every": 1,  # beta steps between rows of the alpha trajectory
     },
     "derive": {  # section 3
-        "mode": "prune",  # prune | argmax | topk | full | last | average | random
+        "mode": "full",  # full (Algorithm 1: the softmax weights as searched) | prune | argmax | topk |
+        # last | average | random
         "tau": 0.1,  # prune: keep layers with alpha >= tau, renormalize
         "k": 2,  # topk
     },
@@ -260,6 +263,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset.pad_mode": ("constant", "reflect"),
     "search.schedule": ("groupwise", "joint"),
     "search.regularizer": ("none", "entropy", "l2"),
+    "search.st_distance": ("normalized", "mse"),
     "derive.mode": ("prune", "argmax", "topk", "full", "last", "average", "random"),
 }
 

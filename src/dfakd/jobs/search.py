@@ -1,8 +1,9 @@
 """``dfakd search``: stage 1, the bridge-loss search (:mod:`dfakd.methods.bridge`) run in the resumable loop.
 
-The training split is cut into two stratified halves (seeded): the weight step trains on one, the beta
-step on the other. ``groupwise`` runs one phase of ``search.epochs`` epochs per matched group; at the end of
-its phase a group's alphas are derived (``derive.*``) and kept fixed. Results in the run folder:
+The training split is cut into two stratified halves (seeded): each step trains beta on a batch of one
+(the held-out half, L_val), then the weights on a batch of the other (L_train). ``groupwise`` runs one
+phase of ``search.epochs`` epochs per matched group; at the end of its phase a group's alphas are derived
+(``derive.*``) and kept fixed. Results in the run folder:
 ``search.json`` (final beta/alpha per group), ``alpha_trajectory.csv``, ``alphas.png`` (heatmap),
 ``alpha_trajectory.png`` and ``search_metrics.csv`` (one row per epoch).
 """
@@ -98,8 +99,9 @@ class SearchTask:
         global_step = epoch * steps + step
         scfg = self.scfg
         lr = cosine_lr(global_step, self.epochs * steps, scfg["w_lr"], scfg["w_lr_min"])
+        beta_loss = self.searcher.beta_step(xv, yv, groups)  # Algorithm 1: beta_i first, then w
         terms = self.searcher.weight_step(x, y, lr)
-        terms["beta_loss"] = self.searcher.beta_step(xv, yv, groups)
+        terms["beta_loss"] = beta_loss
         if global_step % scfg["record_every"] == 0 or step + 1 == steps:
             with torch.no_grad():
                 for i in groups:
@@ -114,7 +116,7 @@ class SearchTask:
         phase, groups = self.phase(epoch)
         if self.scfg["schedule"] == "groupwise" and (epoch + 1) % self.scfg["epochs"] == 0:
             dcfg = self.cfg["derive"]
-            mode = dcfg["mode"] if dcfg["mode"] in agg_mod.SEARCHED_MODES else "prune"
+            mode = dcfg["mode"] if dcfg["mode"] in agg_mod.SEARCHED_MODES else "full"
             for i in groups:
                 alpha = bridge.alpha(i).tolist()
                 weights = agg_mod.derive_weights(alpha, mode, dcfg["tau"], dcfg["k"])

@@ -79,8 +79,8 @@ def derive_weights(alpha: Sequence[float], mode: str, tau: float = 0.1, k: int =
     """Discrete weights from a group's searched softmax weights ``alpha``."""
     a = [float(v) for v in alpha]
     if mode == "full":
-        keep = list(range(len(a)))
-    elif mode == "argmax":
+        return a  # Algorithm 1: A_i from the searched softmax weights, exactly as they are
+    if mode == "argmax":
         keep = [max(range(len(a)), key=lambda j: a[j])]
     elif mode == "topk":
         keep = sorted(sorted(range(len(a)), key=lambda j: -a[j])[: max(1, k)])

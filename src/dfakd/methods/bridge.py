@@ -2,18 +2,24 @@
 search`` in :mod:`dfakd.jobs.search` wires data, the loop and tracking around it).
 
 Architecture parameters ``beta_i`` (one vector per matched teacher group, ``alpha_i = softmax(beta_i)``)
-are kept apart from the weights (student + connectors). Each step alternates, first order, DARTS-style:
+are kept apart from the weights (student + connectors). Each step alternates, first order, as the paper's
+Algorithm 1 does:
 
-1. **weight step** on a batch of the weight half of the training set: minimize
-   ``CE(student) + sum_i L_bridge_i`` over student and connectors, alphas held fixed;
-2. **beta step** on a batch of the beta half: minimize ``sum_{i active} L_bridge_i + R(beta)`` over the
-   active groups' betas only (BatchNorm statistics are left untouched by this step).
+1. **beta step** on a batch of the beta half of the training set: minimize
+   ``sum_{i active} L_bridge_i + R(beta)`` over the active groups' betas only (BatchNorm statistics are
+   left untouched by this step);
+2. **weight step** on a batch of the weight half: minimize ``CE(student) + sum_i L_bridge_i`` over student
+   and connectors, alphas held fixed.
 
-The bridge loss of group i (METHOD.md section 2), with ``A_i = sum_j alpha_ij T_i^j``::
+The bridge loss of group i (METHOD.md section 2, eqs. 10-12), with ``A_i = sum_j alpha_ij T_i^j``::
 
-    L_TS = CE(student.forward_from(i, F_t(A_i)), y)     # teacher -> student path: favors deep layers
-    L_ST = mean((F_s(S_i) - A_i)^2)                     # student -> teacher path: favors shallow layers
+    L_TS = CE(student.forward_from(i, F_t(A_i)), y)          # teacher -> student path: favors deep layers
+    L_ST = mean_b || v_s / |v_s| - v_a / |v_a| ||^2          # student -> teacher path: favors shallow layers
+           v_s = vec(F_s(S_i)), v_a = vec(A_i), per sample (C x H x W)
     L_bridge = gamma_ts * L_TS + gamma_st * L_ST
+
+Both connectors are 1x1 convolutions (fig. 3); ``search.st_bn`` adds a BatchNorm to the ST connector and
+``search.st_distance: mse`` replaces the scale-free distance by a raw MSE (ablations).
 
 ``groupwise`` (default) searches one group per phase, in order; a searched group keeps its derived
 weights (``derive.*``) while later groups are searched, and groups not yet searched use the ``last``
@@ -32,7 +38,6 @@ from torch import nn
 
 from dfakd.methods import aggregation as agg_mod
 from dfakd.methods.base import GroupPair, match_groups
-from dfakd.methods.ofd import connector
 from dfakd.models import FeatureNet, NetFeatures
 
 
@@ -40,19 +45,40 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+ST_DISTANCES = ("normalized", "mse")
+
+
+def unit_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: the squared Euclidean distance between ``vec(u) / ||vec(u)||`` and ``vec(v) / ||vec(v)||``,
+    per sample (``vec`` over C x H x W), averaged over the batch. Blind to the scale of either side."""
+    u = F.normalize(u.flatten(1).float(), dim=1)
+    v = F.normalize(v.flatten(1).float(), dim=1)
+    return (u - v).pow(2).sum(dim=1).mean()
+
+
+def conv1x1(in_channels: int, out_channels: int, bn: bool) -> nn.Sequential:
+    """A connector of fig. 3: a 1x1 convolution (He-normal, fan-out), optionally followed by a BatchNorm."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels)) if bn else nn.Sequential(conv)
+
+
 class BridgeSearch(nn.Module):
     """Architecture parameters (``betas``) and the two connectors per matched group."""
 
-    def __init__(self, pairs: list[GroupPair]) -> None:
+    def __init__(self, pairs: list[GroupPair], st_distance: str = "normalized", st_bn: bool = False) -> None:
         super().__init__()
+        if st_distance not in ST_DISTANCES:
+            raise ValueError(f"st_distance must be one of {ST_DISTANCES}")
         self.pairs = pairs
+        self.st_distance = st_distance
         self.betas = nn.ParameterList(nn.Parameter(torch.zeros(len(p.teacher.names))) for p in pairs)
         # teacher -> student: 1x1 conv from teacher to student channels, fed into the student
         self.ts = nn.ModuleList(
             nn.Conv2d(p.teacher.channels, p.student.channels, kernel_size=1, bias=False) for p in pairs
         )
-        # student -> teacher: 1x1 conv + BN from student to teacher channels
-        self.st = nn.ModuleList(connector(p.student.channels, p.teacher.channels) for p in pairs)
+        # student -> teacher: 1x1 conv from student to teacher channels (+ BN with search.st_bn)
+        self.st = nn.ModuleList(conv1x1(p.student.channels, p.teacher.channels, st_bn) for p in pairs)
         for i, p in enumerate(pairs):
             self.register_buffer(
                 f"fixed_{i}", torch.tensor(agg_mod.fixed_weights(len(p.teacher.names), "last"))
@@ -89,7 +115,11 @@ class BridgeSearch(nn.Module):
             a = sum(alpha[j] * cands[j] for j in range(len(cands)))
             logits = student.forward_from(p.student.index, self.ts[i](a))
             terms[f"ts_{i}"] = F.cross_entropy(logits.float(), y)
-            terms[f"st_{i}"] = F.mse_loss(self.st[i](s.candidates[p.student.index][-1]).float(), a.float())
+            mapped = self.st[i](s.candidates[p.student.index][-1])
+            if self.st_distance == "normalized":
+                terms[f"st_{i}"] = unit_distance(mapped, a)
+            else:
+                terms[f"st_{i}"] = F.mse_loss(mapped.float(), a.float())
         return terms
 
     def regularizer(self, kind: str, groups: list[int]) -> torch.Tensor:
@@ -139,7 +169,7 @@ class Searcher:
         self.device = device
         self.teacher, self.student = teacher, student
         self.pairs = match_groups(teacher, student)
-        self.bridge = BridgeSearch(self.pairs).to(device)
+        self.bridge = BridgeSearch(self.pairs, self.scfg["st_distance"], self.scfg["st_bn"]).to(device)
         self.w_opt = torch.optim.SGD(
             [*student.parameters(), *self.bridge.weight_parameters()],
             lr=self.scfg["w_lr"],
