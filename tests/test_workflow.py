@@ -356,7 +356,8 @@ def test_every_path_in_a_shell_command_is_one_argument(tmp_path: Path) -> None:
     commands = [c for c in re.findall(r"^Shell command: (.*)$", text, re.M) if c != "None"]  # rule all: None
     verbs = {re.search(r"\bdfakd ([a-z-]+)", c).group(1) for c in commands}
     assert verbs == {"prepare-data", "train", "import-teacher", "evaluate", "search", "derive", "distill"} | {
-        "summarize", "plot"
+        "summarize",
+        "plot",
     }
     for command in commands:
         words = shlex.split(command)
@@ -506,6 +507,59 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(
     assert counts == expected
     assert {re.search(r"method=(\S+?),", w).group(1) for w in planned_wildcards(text, "distill")} == distilled
     assert "params" in text.lower()  # the reason: Snakemake's params-change rerun trigger
+
+
+def _first_row(path: Path) -> dict[str, str]:
+    import csv
+
+    with open(path) as f:
+        return next(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_with_the_changed_values(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """Not the plan: what the rerun jobs trained. A method option and a recipe value of the KD student and
+    a search value change; then --forcerun of the unchanged vanilla student. Every rerun job trains
+    afresh with the new value, its earlier run set aside under superseded/. (Runs after every other test
+    of the tiny run: it changes the tiny run's results.)"""
+    change = {
+        "recipes": {"kd_recipe": {"epochs": 1, "batch_size": 128, "lr": 0.02, "schedule": "cosine"}},
+        "methods": {"kd": {"recipe": "kd_recipe", "options": {"kd": {"weight": 0.5}}}},
+        "search": {"beta_lr": 0.01},
+    }
+    configfiles = [*tiny_run.configfiles, write_yaml(tmp_path / "change.yaml", change)]
+    proc = snakemake("--cores", "2", "--configfile", *configfiles, timeout=900)
+    assert proc.returncode == 0, output_of(proc)[-6000:]
+    students = {d.parent.name: d for d in tiny_run.student_dirs()}
+    kd = students["kd"]
+    assert float(_first_row(kd / "metrics.csv")["lr"]) == 0.02
+    assert yaml.safe_load((kd / "config.yaml").read_text())["distill"]["options"] == {"kd": {"weight": 0.5}}
+    (old_kd,) = (kd / "superseded").iterdir()
+    assert float(_first_row(old_kd / "metrics.csv")["lr"]) == 0.05
+    logs = tiny_run.out / "logs"
+    kd_log = next((logs / "distill").rglob("kd/s0.log")).read_text()
+    assert "settings changed since" in kd_log and "distill.options.kd.weight 0.9 -> 0.5" in kd_log
+
+    (search_dir,) = (tiny_run.out / "search").glob("*/*/*/s0")
+    search_log = next((logs / "search").rglob("s0.log")).read_text()
+    assert "search.beta_lr 0.05 -> 0.01" in search_log and "resuming" not in search_log
+    (old_search,) = (search_dir / "superseded").iterdir()
+    alpha_key = next(k for k in _first_row(search_dir / "search_metrics.csv") if k.startswith("alpha."))
+    assert (
+        _first_row(search_dir / "search_metrics.csv")[alpha_key]
+        != _first_row(old_search / "search_metrics.csv")[alpha_key]
+    )
+    assert (students["dfa"] / "superseded").is_dir()  # a new aggregation: the DFA student retrained
+    assert not (students["vanilla"] / "superseded").exists() and not (students["ofd"] / "superseded").exists()
+
+    vanilla_result = students["vanilla"] / "result.json"
+    forced = snakemake(
+        "--cores", "2", "--configfile", *configfiles, "--forcerun", vanilla_result, timeout=900
+    )
+    assert forced.returncode == 0, output_of(forced)[-6000:]
+    vanilla_log = next((logs / "distill").rglob("vanilla/s0.log")).read_text()
+    assert "finished run whose outputs are gone" in vanilla_log and "epoch 1/1" in vanilla_log
+    assert len(list((students["vanilla"] / "superseded").iterdir())) == 1
 
 
 # --------------------------------- a user's own data, a space in results_dir, MLflow down, kill -9
@@ -696,7 +750,6 @@ def test_cinic10_and_a_corrupt_mlflow_db_then_sync_mlflow(own_run: OwnDataRun, t
     assert all(r.info.status == "FINISHED" and r.data.metrics for r in runs)
 
 
-@pytest.mark.xfail(strict=False, reason="needs typed resolve_options")
 def test_method_options_are_checked_when_the_workflow_is_planned(tmp_path: Path) -> None:
     cfg = _valid(tmp_path)
     cfg["methods"] = {"kd": {"method": "kd", "options": {"kd": {"weight": "heavy"}}}}
