@@ -3,6 +3,7 @@ no traceback, and nothing written to the results folder. Table-driven, through t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import yaml
 from conftest import tiny_config, write_imagefolder
 
 from dfakd import cli, models
+
+T_32 = ["layer1.0", "layer1.1", "layer1.2"]  # resnet20's 32 px candidates
 
 
 class NotAWeight:
@@ -60,6 +63,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     agg("agg_extra_group.yaml", gs=[*groups, {"spatial": 4, "layers": {"layer3.2": 1.0}}])
     agg("agg_other_teacher.yaml", teacher_arch="resnet56")
     agg("agg_not_aggregation.yaml", fmt="something-else")
+    agg("agg_nan_weight.yaml", gs=[{"spatial": 32, "layers": {"layer1.0": float("nan")}}, *groups[1:]])
+    (base / "latin1.yaml").write_bytes(b"seed: 0\n# caf\xe9\n")
+    (base / "duplicate.yaml").write_text("recipe:\n  lr: 0.1\n  lr: 0.2\n")
+    (base / "a_file").write_text("not a folder\n")
+    torch.save({"model": teacher.state_dict(), "arch": "resnet20", "num_classes": "ten"}, base / "classes_str.pt")
+    torch.save({"model": teacher.state_dict(), "arch": 7, "num_classes": 3}, base / "arch_int.pt")
+    short = {"teacher": "resnet20", "groups": [{"spatial": 32, "layers": T_32, "alpha": [1.0]}]}
+    (base / "short_alpha.json").write_text(json.dumps(short))
+    (base / "nan_alpha.json").write_text(
+        '{"teacher": "resnet20", "groups": [{"spatial": 32, "layers": ["layer1.0"], "alpha": [NaN]}]}'
+    )
     return w
 
 
@@ -157,6 +171,42 @@ CASES = [
     ("import-wrong-architecture", lambda w: ["import-teacher", w.base / "community.pth", "--arch", "resnet8",
                                              "--num-classes", "3", "--out", w.base / "results" / "t.pt"],
      ["does not fit architecture 'resnet8'", "unexpected keys"]),
+    # found by new users (issue: 41 of 105 unlisted bad inputs broke the one-line promise)
+    ("config-not-utf8", lambda w: ["train", "-c", w.base / "latin1.yaml"], ["not UTF-8", "latin1.yaml", "line 2"]),
+    ("config-duplicate-key", lambda w: ["train", "-c", w.base / "duplicate.yaml"], ["duplicate key 'lr'", "line 3"]),
+    ("beta-betas-out-of-range", lambda w: ["search", "-c", _cfg_file(w, "k40", search__beta_betas=[0.5, 1.0])],
+     ["'search.beta_betas'", "[0, 1)"]),
+    ("method-option-wrong-type", lambda w: ["distill", "-c", _cfg_file(w, "k41", distill__options={"kd": {"weight": "heavy"}}),
+                                            "--method", "kd"], ["distill.options.kd.weight", "a number", "heavy"]),
+    ("method-option-out-of-range", lambda w: ["distill", "-c", _cfg_file(w, "k42", distill__options={"kd": {"temperature": 0}}),
+                                              "--method", "kd"], ["distill.options.kd.temperature", "> 0"]),
+    ("options-of-unused-method", lambda w: ["distill", "-c", _cfg_file(w, "k43", distill__options={"dkd": {"beta": -1}}),
+                                            "--method", "kd"], ["distill.options.dkd.beta", ">= 0"]),
+    ("timeout-inf", lambda w: ["train", "-c", _cfg_file(w, "k44", tracking__timeout_s=float("inf"))],
+     ["'tracking.timeout_s'", "finite"]),
+    ("lr-inf", lambda w: ["train", "-c", _cfg_file(w, "k45", recipe__lr=float("inf"))], ["'recipe.lr'", "finite"]),
+    ("weight-decay-inf", lambda w: ["train", "-c", _cfg_file(w, "k46", recipe__weight_decay=float("inf"))],
+     ["'recipe.weight_decay'", "finite"]),
+    ("mean-nan", lambda w: ["train", "-c", _cfg_file(w, "k47", dataset__mean=[0.5, float("nan"), 0.5])],
+     ["'dataset.mean[1]'", "finite"]),
+    ("batch-larger-than-dataset", lambda w: ["train", "-c", _cfg_file(w, "k48")],
+     ["'recipe.batch_size' is 16", "12 images"]),
+    ("search-batch-larger-than-half", lambda w: ["search", "-c", _cfg_file(w, "k49", search__batch_size=7)],
+     ["'search.batch_size' is 7", "half the training split"]),
+    ("out-is-a-file", lambda w: ["evaluate", "-c", _cfg_file(w, "k50"), "--checkpoint", w.base / "teacher.pt",
+                                 "-o", w.base], ["is a folder"]),
+    ("run-folder-is-a-file", lambda w: ["derive", "-c", _cfg_file(w, "k51"), "--mode", "last",
+                                        "-o", w.base / "a_file" / "agg.yaml"], ["a_file is a file, not a folder"]),
+    ("checkpoint-num-classes-string", lambda w: ["evaluate", "-c", _cfg_file(w, "k52"),
+                                                 "--checkpoint", w.base / "classes_str.pt"], ["'num_classes' is 'ten'"]),
+    ("checkpoint-arch-int", lambda w: ["evaluate", "-c", _cfg_file(w, "k53"), "--checkpoint", w.base / "arch_int.pt"],
+     ["'arch' is 7", "not a model"]),
+    ("search-json-alpha-short", lambda w: ["derive", "-c", _cfg_file(w, "k54"), "--search", w.base / "short_alpha.json",
+                                           "-o", w.base / "results" / "agg.yaml"], ["groups[0].alpha", "3 numbers"]),
+    ("search-json-nan-alpha", lambda w: ["derive", "-c", _cfg_file(w, "k55"), "--search", w.base / "nan_alpha.json",
+                                         "-o", w.base / "results" / "agg.yaml"], ["not valid JSON", "NaN"]),
+    ("aggregation-nan-weight", lambda w: ["distill", "-c", _cfg_file(w, "k56"), "--method", "dfa",
+                                          "--aggregation", w.base / "agg_nan_weight.yaml"], ["not a finite number"]),
     ("import-wrong-sha256", lambda w: ["import-teacher", w.base / "community.pth", "--arch", "resnet20",
                                        "--num-classes", "3", "--sha256", "0" * 64,
                                        "--out", w.base / "results" / "t.pt"], ["sha256", "expected 000"]),

@@ -179,3 +179,16 @@ def test_files_follow_the_umask(tmp_path: Path, images, umask: int) -> None:
     assert proc.returncode == 0, proc.stderr
     for name in ("checkpoint.pt", "best.pt", "last.pt", "result.json", "config.yaml", "metrics.csv"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_an_empty_result_file_is_one_line_and_retrain_sets_it_aside(tmp_path: Path, images) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text("")
+    line = _one_line_error(_train(tmp_path, images, run))
+    assert "result.json is not valid JSON" in line and "--retrain" in line
+    assert [p.name for p in run.iterdir()] == ["result.json"]  # nothing written
+    retrained = _train(tmp_path, images, run, "--retrain")
+    assert retrained.returncode == 0, retrained.stderr
+    (old,) = (run / "superseded").iterdir()
+    assert (old / "result.json").read_text() == ""

@@ -20,6 +20,7 @@ Derivation modes from searched alphas: ``prune`` (alpha >= tau, renormalized), `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def load(path: str | Path) -> Aggregation:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DfakdError(f"aggregation file {path} is malformed ({exc.__class__.__name__}: {exc})") from None
     for g in agg.groups:
+        if not all(math.isfinite(w) for w in g.layers.values()):
+            raise DfakdError(f"{path}: group {g.spatial}px has a weight that is not a finite number")
         total = sum(g.layers.values())
         if not g.layers or abs(total - 1.0) > SUM_TOLERANCE:
             raise DfakdError(f"{path}: weights of group {g.spatial}px sum to {total:.6g}, not 1")

@@ -78,15 +78,15 @@ class DistillMethod(nn.Module):
     def resolve_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
         """The defaults with ``options`` over them; each option of the default's type and in its range
         (``BOUNDS``), so that a bad option is refused when a workflow is planned, not in the job."""
-        where = f"config key 'distill.options.{cls.name}'"
+        where = f"distill.options.{cls.name}"
         if options is not None and not isinstance(options, dict):
-            raise DfakdError(f"{where} must be a mapping of option: value, got {options!r}")
+            raise DfakdError(f"config key '{where}' must be a mapping of option: value, got {options!r}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.DEFAULTS))
         if unknown:
             raise DfakdError(
                 f"unknown option(s) {', '.join(map(str, unknown))} for method '{cls.name}' "
-                f"({where}); allowed: {', '.join(cls.DEFAULTS)}"
+                f"(config key '{where}'); allowed: {', '.join(cls.DEFAULTS)}"
             )
         for key, value in options.items():
             default = cls.DEFAULTS[key]
@@ -102,7 +102,7 @@ class DistillMethod(nn.Module):
             value = resolved[key]
             if value < low or (value == low and not inclusive):
                 raise DfakdError(
-                    f"option '{key}' of method '{cls.name}' ({where}.{key}) must be "
+                    f"option '{key}' of method '{cls.name}' (config key '{where}.{key}') must be "
                     f"{'>=' if inclusive else '>'} {low:g}, got {value!r}"
                 )
         return {k: float(v) if isinstance(cls.DEFAULTS[k], float) else v for k, v in resolved.items()}

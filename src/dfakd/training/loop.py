@@ -110,38 +110,40 @@ def open_run(
     run = RunFolder(
         run_dir, run_dir / checkpoint_name, run_dir / result_name, settings, fingerprint(settings)
     )
-    state = _peek_checkpoint(run.checkpoint)
+    state = None if retrain else _peek_checkpoint(run.checkpoint)  # --retrain sets even a corrupt one aside
     old_settings = state.get("settings") if state else None
-    if run.result.is_file():
-        result = read_json(run.result, "result file")
+    if run.result.is_file() and not retrain:
+        try:
+            result = read_json(run.result, "result file")
+        except DfakdError as exc:
+            raise DfakdError(
+                f"{exc}; pass --retrain to set the run folder's files aside and train afresh"
+            ) from None
         if not isinstance(result, dict):
-            raise DfakdError(f"result file {run.result} must hold a JSON object; remove it to rerun the job")
-        if result.get("fingerprint") == run.fingerprint and not retrain:
+            raise DfakdError(
+                f"result file {run.result} must hold a JSON object; pass --retrain to train afresh"
+            )
+        if result.get("fingerprint") == run.fingerprint:
             log(f"{run_dir} already finished with these settings ({result_name} present); nothing to do")
             run.done = result
             return run
-        if not retrain:
-            raise DfakdError(
-                f"{run_dir} holds a finished run with other settings "
-                f"({describe_changes(old_settings, settings)}); "
-                "pass --retrain to train it afresh (the finished run is kept under "
-                f"{run_dir / SUPERSEDED}/), or choose another run folder"
-            )
+        raise DfakdError(
+            f"{run_dir} holds a finished run with other settings "
+            f"({describe_changes(old_settings, settings)}); "
+            "pass --retrain to train it afresh (the finished run is kept under "
+            f"{run_dir / SUPERSEDED}/), or choose another run folder"
+        )
+    if retrain:
         run.set_aside_reason = "--retrain"
     elif state is not None:
-        same = state.get("fingerprint") == run.fingerprint
-        if same and not state.get("finished") and not retrain:
-            run.resume_state = state
-            return run
-        if retrain:
-            run.set_aside_reason = "--retrain"
-        elif same:
+        if state.get("fingerprint") != run.fingerprint:
+            changes = describe_changes(old_settings, settings)
+            run.set_aside_reason = f"settings changed since {run.checkpoint} was written ({changes})"
+        elif state.get("finished"):
             run.set_aside_reason = f"{run.checkpoint} is of a finished run whose outputs are gone (a rerun)"
         else:
-            run.set_aside_reason = (
-                f"settings changed since {run.checkpoint} was written "
-                f"({describe_changes(old_settings, settings)})"
-            )
+            run.resume_state = state
+            return run
     run.leftovers = [run_dir / name for name in JOB_FILES if (run_dir / name).exists()]
     if run.leftovers and run.set_aside_reason is None:
         run.set_aside_reason = f"{run_dir} holds files of an earlier run that saved no checkpoint"
