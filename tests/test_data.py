@@ -396,6 +396,117 @@ def test_missing_mnist5k_hints_prepare_data(tmp_path: Path):
         data.load_split({"name": "mnist5k", "root": str(tmp_path / "m")}, "train")
 
 
+# ------------------------------------------------------------------------------------ mnist5k-cluttered
+
+
+@pytest.fixture(scope="module")
+def cluttered_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full copy, written as ``dfakd prepare-data mnist5k-cluttered`` writes it."""
+    from dfakd.data.demo import write_mnist5k_cluttered
+
+    return write_mnist5k_cluttered(tmp_path_factory.mktemp("cluttered") / "c")
+
+
+def test_mnist5k_cluttered_layout_keeps_the_mnist5k_split(cluttered_root: Path):
+    from dfakd.data.demo import mnist5k_digits
+
+    _, labels, is_test = mnist5k_digits()
+    for split, per_class in (("train", 400), ("test", 100)):
+        folders = sorted((cluttered_root / split).iterdir())
+        assert [p.name for p in folders] == [str(d) for d in range(10)]
+        assert all(len(list(f.glob("*.png"))) == per_class for f in folders)
+        # the same digit of the same class, under the same name, in the same split as mnist5k writes it
+        names = {str(p.relative_to(cluttered_root / split)) for p in (cluttered_root / split).rglob("*.png")}
+        wanted = {f"{labels[i]}/{i:04d}.png" for i in range(5000) if is_test[i] == (split == "test")}
+        assert names == wanted
+    with Image.open(next((cluttered_root / "test" / "7").glob("*.png"))) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
+    assert (cluttered_root / "COMPLETE").read_text().startswith("mnist5k-cluttered: 4000 train / 1000 test")
+
+
+def test_mnist5k_cluttered_clutter_comes_from_the_same_split(cluttered_root: Path):
+    """No test digit's pixels in a training image, and no training digit's in a test image: every image
+    records the mnist5k indices of all digits it was built from."""
+    from dfakd.data.demo import CLUTTER, cluttered_images, mnist5k_digits
+
+    _, labels, is_test = mnist5k_digits()
+    images = list(cluttered_images())
+    assert [im.index for im in images] == list(range(5000))
+    for im in images:
+        assert im.sources[0] == im.index and im.label == labels[im.index]
+        assert im.split == ("test" if is_test[im.index] else "train")
+        clutter = im.sources[1:]
+        assert CLUTTER.pieces[0] <= len(clutter) <= CLUTTER.pieces[1] and im.index not in clutter
+        assert all(is_test[j] == is_test[im.index] for j in im.sources), im.index
+    used = {s: {j for im in images if im.split == s for j in im.sources} for s in ("train", "test")}
+    assert not used["train"] & used["test"]
+    assert used["test"] == set(np.flatnonzero(is_test).tolist())  # every test digit, and only those
+    # what is recorded is what is on disk
+    for im in images[::500]:
+        with Image.open(cluttered_root / im.split / str(im.label) / f"{im.index:04d}.png") as img:
+            assert np.array_equal(np.asarray(img), im.rgb)
+
+
+def test_mnist5k_cluttered_is_deterministic(cluttered_root: Path, tmp_path: Path):
+    """Two writes give the same bytes; a per-class copy (for tests) holds the full copy's own files."""
+    import hashlib
+
+    from dfakd.data.demo import write_mnist5k_cluttered
+
+    def digest(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.png"))
+        }
+
+    a = digest(write_mnist5k_cluttered(tmp_path / "a", per_class=3))
+    b = digest(write_mnist5k_cluttered(tmp_path / "b", per_class=3))
+    assert a == b and len(a) == 60
+    full = digest(cluttered_root)
+    assert all(full[name] == h for name, h in a.items())
+
+
+def test_mnist5k_cluttered_loads_via_load_split(cluttered_root: Path):
+    cfg = {"name": "mnist5k-cluttered", "root": str(cluttered_root)}
+    train, test = data.load_split(cfg, "train"), data.load_split(cfg, "test")
+    assert train.images.shape == (4000, 3, 32, 32) and test.images.shape == (1000, 3, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    assert data.num_classes(cfg) == 10 and data.train_augment(cfg) == "crop"
+    # the written-down normalization is the training split's own
+    pixels = train.images[:, 0].float() / 255
+    mean, std = data.normalization(cfg)
+    assert abs(pixels.mean().item() - mean[0]) < 1e-4 and abs(pixels.std().item() - std[0]) < 1e-4
+
+
+def test_prepare_mnist5k_cluttered_refuses_folder_with_other_files(tmp_path: Path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine\n")
+    before = _snapshot(tmp_path)
+    for extra in ([], ["--force"]):
+        proc = run_cli("prepare-data", "mnist5k-cluttered", "--root", root, *extra, cwd=tmp_path)
+        line = _one_line_error(proc, "prepare-data")
+        assert str(root) in line and "not a finished mnist5k-cluttered copy" in line
+        assert _snapshot(tmp_path) == before
+
+
+def test_mnist5k_cluttered_force_refuses_foreign_files_and_rewrites_its_own(tmp_path: Path):
+    from dfakd.data.demo import write_mnist5k_cluttered
+
+    root = write_mnist5k_cluttered(tmp_path / "c", per_class=1)
+    (root / "train" / "3" / "mine.jpg").write_text("theirs\n")
+    before = _snapshot(tmp_path)
+    with pytest.raises(DfakdError, match="mnist5k-cluttered: --force would delete") as err:
+        write_mnist5k_cluttered(root, force=True, per_class=1)
+    assert str(root / "train" / "3" / "mine.jpg") in str(err.value) and _snapshot(tmp_path) == before
+    (root / "train" / "3" / "mine.jpg").unlink()
+    png = next((root / "test" / "5").glob("*.png"))
+    good = png.read_bytes()
+    png.write_bytes(b"damaged")
+    assert write_mnist5k_cluttered(root, force=True, per_class=1) == root
+    assert png.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
 # -------------------------------------------------------------------------------------------- streams
 
 
@@ -415,7 +526,7 @@ def _epoch(stream: BatchStream, epoch: int) -> list[tuple[torch.Tensor, torch.Te
     return list(stream)
 
 
-@pytest.mark.parametrize("augment", ["crop_flip", "resized_crop_flip", "none"])
+@pytest.mark.parametrize("augment", ["crop_flip", "crop", "resized_crop_flip", "none"])
 def test_stream_deterministic_per_seed_and_epoch(augment: str):
     split = _split(36)
     a = _epoch(_stream(split, True, augment=augment, seed=3), 2)
@@ -509,6 +620,24 @@ def test_crop_flip_matches_reference(mode: str):
             torch.equal(out[i], _reference_crop_flip(images[i], 4, y, x, f, mode))
             for y, x, f in itertools.product(range(9), range(9), (False, True))
         )
+
+
+def test_crop_never_mirrors():
+    """``crop`` (the digits' augmentation) is crop_flip's crop with the same offsets, never mirrored."""
+    images = torch.randint(
+        1, 256, (24, 3, 10, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    out = crop_flip(images, epoch_generator(5, 1), pad=4, flip=False)
+    replay = epoch_generator(5, 1)
+    oy = torch.randint(0, 9, (24,), generator=replay)
+    ox = torch.randint(0, 9, (24,), generator=replay)
+    for i in range(24):
+        assert torch.equal(
+            out[i], _reference_crop_flip(images[i], 4, int(oy[i]), int(ox[i]), False, "constant")
+        )
+    split = _split(16)
+    for x, _ in _epoch(_stream(split, True, augment="crop"), 0):
+        assert x.shape == (8, 3, 8, 8)
 
 
 def test_crop_flip_without_pad_is_identity_or_mirror():

@@ -240,11 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    p = sub.add_parser("prepare-data", help="write the demo dataset, check/download CIFAR, check ImageFolder")
-    p.add_argument("dataset", choices=["mnist5k", "cifar10", "cifar100", "cinic10", "imagefolder"])
+    p = sub.add_parser("prepare-data", help="write a demo dataset, check/download CIFAR, check ImageFolder")
+    p.add_argument(
+        "dataset", choices=["mnist5k", "mnist5k-cluttered", "cifar10", "cifar100", "cinic10", "imagefolder"]
+    )
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--download", action="store_true", help="download CIFAR with torchvision (needs internet)")
-    p.add_argument("--force", action="store_true", help="rewrite mnist5k even if complete")
+    p.add_argument("--force", action="store_true", help="rewrite a demo dataset even if complete")
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("train", help="train a model with cross-entropy (teacher, vanilla student)")

@@ -21,13 +21,13 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "results_dir": "results",
     "dataset": {
-        "name": "mnist5k",  # mnist5k | cifar10 | cifar100 | cinic10 | imagefolder
+        "name": "mnist5k",  # mnist5k | mnist5k-cluttered | cifar10 | cifar100 | cinic10 | imagefolder
         "root": "data/mnist5k",
         "download": False,  # torchvision download for CIFAR (needs internet)
         "num_classes": None,  # imagefolder only; others know theirs
         "mean": None,  # per-channel normalization; null = the dataset's standard values
         "std": None,
-        "augment": "auto",  # auto | crop_flip | resized_crop_flip | none
+        "augment": "auto",  # auto | crop_flip | crop | resized_crop_flip | none
         "pad_mode": "constant",  # crop_flip padding: constant (RepDistiller) | reflect (DFA authors)
     },
     "model": {"arch": "resnet20"},  # the model trained by `train`; the student of `search`/`distill`
@@ -259,7 +259,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe.schedule": ("multistep", "cosine"),
     "runtime.precision": ("auto", "fp32", "bf16"),
-    "dataset.augment": ("auto", "crop_flip", "resized_crop_flip", "none"),
+    "dataset.augment": ("auto", "crop_flip", "crop", "resized_crop_flip", "none"),
     "dataset.pad_mode": ("constant", "reflect"),
     "search.schedule": ("groupwise", "joint"),
     "search.regularizer": ("none", "entropy", "l2"),

@@ -6,8 +6,8 @@
   listed with torchvision's ``make_dataset`` against the *training* split's class list (a ``valid/`` or
   ``test/`` class folder that ``train/`` lacks is refused; a split lacking a class keeps the training
   indices);
-- ``mnist5k``: the offline demo dataset, ImageFolder layout written by ``dfakd prepare-data`` (see
-  :mod:`dfakd.data.demo`).
+- ``mnist5k`` and ``mnist5k-cluttered``: the offline demo datasets, ImageFolder layout written by
+  ``dfakd prepare-data`` (see :mod:`dfakd.data.demo`).
 
 Each split is decoded once into an ``(N, 3, H, W)`` uint8 tensor plus int64 labels; batching,
 augmentation and normalization then run on whole batches (:mod:`dfakd.data.stream`).
@@ -49,6 +49,8 @@ DATASETS: dict[str, DatasetInfo] = {
         "cinic10", 10, (0.4789, 0.4723, 0.4305), (0.2421, 0.2383, 0.2587), "resized_crop_flip", "test"
     ),
     "mnist5k": DatasetInfo("mnist5k", 10, (0.1307,) * 3, (0.3081,) * 3, "crop_flip", "test"),
+    # mean/std of its training split (docs/data.md); "crop": a mirrored digit is another glyph
+    "mnist5k-cluttered": DatasetInfo("mnist5k-cluttered", 10, (0.1219,) * 3, (0.2703,) * 3, "crop", "test"),
     "imagefolder": DatasetInfo("imagefolder", None, (0.5,) * 3, (0.5,) * 3, "crop_flip", "test"),
 }
 
@@ -138,7 +140,8 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSpli
 
 def _require_dir(path: Path, name: str) -> None:
     if not path.is_dir():
-        hint = "run `dfakd prepare-data mnist5k --root ROOT`" if name == "mnist5k" else "see docs/data.md"
+        demo = name in ("mnist5k", "mnist5k-cluttered")
+        hint = f"run `dfakd prepare-data {name} --root ROOT`" if demo else "see docs/data.md"
         raise DfakdError(
             f"{name}: missing directory {path} (ImageFolder layout <root>/<split>/<class>/; {hint})"
         )

@@ -1,4 +1,5 @@
-"""``dfakd prepare-data``: write the demo dataset, or check (and for CIFAR, optionally download) a dataset.
+"""``dfakd prepare-data``: write a demo dataset (``mnist5k``, ``mnist5k-cluttered``), or check (and for
+CIFAR, optionally download) a dataset.
 
 ImageFolder datasets (``cinic10``, ``imagefolder``) are only checked: every split present is decoded
 through the same loader training uses (:func:`dfakd.data.datasets.load_split`), so each of its checks
@@ -61,10 +62,11 @@ def prepare(
     echo: Callable[[str], None] = print,
 ) -> None:
     """What ``dfakd prepare-data NAME --root ROOT`` does."""
-    if name == "mnist5k":
-        from dfakd.data.demo import write_mnist5k
+    if name in ("mnist5k", "mnist5k-cluttered"):
+        from dfakd.data.demo import write_mnist5k, write_mnist5k_cluttered
 
-        echo(f"mnist5k ready in {write_mnist5k(root, force=force)}")
+        write = write_mnist5k if name == "mnist5k" else write_mnist5k_cluttered
+        echo(f"{name} ready in {write(root, force=force)}")
         return
     if name in IMAGEFOLDER_SPLITS:
         if download:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dfakd.data.datasets import ImageSplit
 
-AUGMENTATIONS = ("crop_flip", "resized_crop_flip", "none")
+AUGMENTATIONS = ("crop_flip", "crop", "resized_crop_flip", "none")
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -22,18 +22,19 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
 
 
 def crop_flip(
-    images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant"
+    images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant", flip: bool = True
 ) -> torch.Tensor:
-    """Random ``pad``-pixel-padded crop back to the input size, and a random horizontal flip."""
+    """Random ``pad``-pixel-padded crop back to the input size, and (``flip``) a random horizontal flip.
+    Without ``flip`` the same random numbers are drawn, and the mirror is not applied."""
     n, _, h, w = images.shape
     mode = "constant" if pad_mode == "constant" else "reflect"
     padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+    mirror = (torch.rand(n, generator=gen) < (0.5 if flip else 0.0)).to(images.device)
     rows = oy[:, None] + torch.arange(h, device=images.device)
     cols = torch.arange(w, device=images.device).expand(n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
+    cols = torch.where(mirror[:, None], cols.flip(1), cols) + ox[:, None]
     batch = torch.arange(n, device=images.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)
@@ -126,6 +127,8 @@ class BatchStream:
     def prepare(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         if self.augment == "crop_flip":
             images = crop_flip(images, gen, pad_mode=self.pad_mode)
+        elif self.augment == "crop":  # translation only: a mirrored digit is another glyph
+            images = crop_flip(images, gen, pad_mode=self.pad_mode, flip=False)
         elif self.augment == "resized_crop_flip":
             images = resized_crop_flip(images, gen)
         x = (images.float() - self.mean) / self.std
