@@ -110,8 +110,6 @@ def open_run(
     run = RunFolder(
         run_dir, run_dir / checkpoint_name, run_dir / result_name, settings, fingerprint(settings)
     )
-    state = None if retrain else _peek_checkpoint(run.checkpoint)  # --retrain sets even a corrupt one aside
-    old_settings = state.get("settings") if state else None
     if run.result.is_file() and not retrain:
         try:
             result = read_json(run.result, "result file")
@@ -127,17 +125,19 @@ def open_run(
             log(f"{run_dir} already finished with these settings ({result_name} present); nothing to do")
             run.done = result
             return run
+        state = _peek_checkpoint(run.checkpoint)
         raise DfakdError(
             f"{run_dir} holds a finished run with other settings "
-            f"({describe_changes(old_settings, settings)}); "
+            f"({describe_changes(state.get('settings') if state else None, settings)}); "
             "pass --retrain to train it afresh (the finished run is kept under "
             f"{run_dir / SUPERSEDED}/), or choose another run folder"
         )
+    state = None if retrain else _peek_checkpoint(run.checkpoint)  # --retrain sets even a corrupt one aside
     if retrain:
         run.set_aside_reason = "--retrain"
     elif state is not None:
         if state.get("fingerprint") != run.fingerprint:
-            changes = describe_changes(old_settings, settings)
+            changes = describe_changes(state.get("settings"), settings)
             run.set_aside_reason = f"settings changed since {run.checkpoint} was written ({changes})"
         elif state.get("finished"):
             run.set_aside_reason = f"{run.checkpoint} is of a finished run whose outputs are gone (a rerun)"
