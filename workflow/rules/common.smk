@@ -147,7 +147,11 @@ def student_job(dataset, teacher, student, method, seed):
     }
     extra = {"teacher": {"arch": teacher_def(teacher)["arch"]}, "distill": distill}
     recipe = m.get("recipe", pair_def(dataset, teacher, student)["recipe"])
-    return job_config(dataset, student, recipe, seed, extra)
+    cfg = job_config(dataset, student, recipe, seed, extra)
+    # the MLflow tag `method` is the config's method name (dfa_average), `method_type` its kind (dfa);
+    # tracking.* is operational: not in the job's settings, so it retrains nothing
+    cfg["tracking"]["tags"] = {**cfg["tracking"].get("tags", {}), "method": method}
+    return cfg
 
 
 # ---- paths ----------------------------------------------------------------------------------------
@@ -347,6 +351,8 @@ def start_pipeline_run():
         return
     args = ["--experiment", EXP, "--results-dir", OUT, "--run-file", PARENT_RUN_FILE]
     args += ["--name", f"pipeline {EXP}"]
+    configfiles = " ".join(str(f) for f in workflow.configfiles)
+    args += ["--tag", f"dfakd.configfiles={configfiles}"]
     if tracking.get("uri"):
         args += ["--uri", tracking["uri"]]
     outcome = _tracking_cli("tracking-init", *args)
@@ -360,10 +366,22 @@ def start_pipeline_run():
 
 
 def finish_pipeline_run(status):
-    if (
+    """Close the parent run (if a job opened one) with the invocation's config, summary and plots."""
+    if not (
         config.get("tracking", {}).get("enabled", True)
         and Path(PARENT_RUN_FILE).is_file()
     ):
-        _tracking_cli(
-            "tracking-finish", "--run-file", PARENT_RUN_FILE, "--status", status
-        )
+        return
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "config.yaml"
+        dump.write_text(yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
+        args = ["--run-file", PARENT_RUN_FILE, "--status", status, "--artifact", str(dump)]
+        for name in ("summary.md", "summary.csv", "summary.html"):
+            args += ["--artifact", f"{OUT}/{name}"]
+        for name in ("accuracy.png", "learning_curves.png"):
+            args += ["--plot", f"{OUT}/plots/{name}"]
+        _tracking_cli("tracking-finish", *args)
