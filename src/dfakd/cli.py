@@ -162,8 +162,11 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         Path(args.csv),
         Path(args.md),
         args.title,
+        Path(args.html) if args.html else None,
+        args.note,
     )
-    print(f"wrote {args.csv} and {args.md} ({len(rows)} rows)")
+    wrote = ", ".join(str(p) for p in (args.csv, args.md, args.html) if p)
+    print(f"wrote {wrote} ({len(rows)} rows)")
     return 0
 
 
@@ -336,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="dfakd summary")
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
+    p.add_argument("--html", help="also the summary as an HTML page (shown inline in a Snakemake report)")
+    p.add_argument("--note", action="append", default=[], help="a line above the HTML tables (repeatable)")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("plot", help="accuracy per pair and method, and learning curves")
