@@ -229,6 +229,7 @@ def final_outputs():
     return [
         f"{OUT}/summary.csv",
         f"{OUT}/summary.md",
+        f"{OUT}/summary.html",
         f"{OUT}/plots/accuracy.png",
         f"{OUT}/plots/learning_curves.png",
         *search_outputs(),
@@ -329,6 +330,47 @@ def check_config():
 check_config()
 
 
+# ---- datasets fetched by hand: named at plan time, refused before any job of a real run starts -----
+
+
+def missing_datasets():
+    from dfakd.data.datasets import missing_manual_dataset
+
+    used = {teacher_dataset(p["teacher"]) for p in config["pairs"]}
+    found = (missing_manual_dataset(config["datasets"][d]) for d in sorted(used))
+    return [f"datasets.{d}: {m}" for d, m in zip(sorted(used), found) if m]
+
+
+MISSING_DATASETS = missing_datasets()
+for _message in MISSING_DATASETS:
+    print(f"dfakd workflow: note: {_message}", file=sys.stderr)
+
+
+def check_datasets_present():
+    """Called first by onstart (a real run, never a dry run): stop before any job when a dataset that
+    must be fetched by hand is missing."""
+    if MISSING_DATASETS:
+        fail("; ".join(MISSING_DATASETS))
+
+
+def mlflow_location():
+    """Where this invocation's MLflow runs go: tracking.uri, $MLFLOW_TRACKING_URI, else the results
+    folder's SQLite store."""
+    return (
+        config.get("tracking", {}).get("uri")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(OUT).resolve()}/mlflow.db"
+    )
+
+
+# what the report's front page (report/workflow.rst, which sees the config alone) names; after validation
+config["_report"] = {
+    "configfiles": [str(f) for f in workflow.configfiles],
+    "mlflow": mlflow_location(),
+    "results": str(Path(OUT).resolve()),
+}
+
+
 # ---- MLflow: one parent run per pipeline invocation ------------------------------------------------
 
 
@@ -378,8 +420,16 @@ def finish_pipeline_run(status):
 
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "config.yaml"
-        dump.write_text(yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False))
-        args = ["--run-file", PARENT_RUN_FILE, "--status", status, "--artifact", str(dump)]
+        own = {k: v for k, v in config.items() if k != "_report"}
+        dump.write_text(yaml.safe_dump(json.loads(json.dumps(own)), sort_keys=False))
+        args = [
+            "--run-file",
+            PARENT_RUN_FILE,
+            "--status",
+            status,
+            "--artifact",
+            str(dump),
+        ]
         for name in ("summary.md", "summary.csv", "summary.html"):
             args += ["--artifact", f"{OUT}/{name}"]
         for name in ("accuracy.png", "learning_curves.png"):
