@@ -772,7 +772,9 @@ def test_recover_lock_leaves_a_live_run_alone(tmp_path: Path) -> None:
         silent.listen()
         env = {**_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.getsockname()[1]}"}
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"
-        configfile = write_yaml(tmp_path / "v.yaml", _valid(tmp_path))
+        cfg = _valid(tmp_path)
+        cfg["datasets"]["c100"]["download"] = True  # else the run stops at once: a dataset to fetch by hand
+        configfile = write_yaml(tmp_path / "v.yaml", cfg)
         holder = subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", configfile],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -839,3 +841,22 @@ def test_method_options_are_checked_when_the_workflow_is_planned(tmp_path: Path)
     assert proc.returncode != 0
     assert "methods.kd.options.kd" in text, text[-3000:]
     assert "Job stats" not in text
+
+
+def test_a_dataset_fetched_by_hand_is_named_at_plan_time(tmp_path: Path) -> None:
+    """CINIC-10 (and CIFAR without download: true) must be fetched by hand: a dry run names the archive,
+    where to get it and the folder to unpack it into; a real run stops before any job, writing nothing."""
+    cfg = _valid(tmp_path)
+    cfg["datasets"] = {"cin": {"name": "cinic10", "root": str(tmp_path / "cinic")}}
+    cfg["teachers"]["t20"]["dataset"] = "cin"
+    configfile = write_yaml(tmp_path / "cin.yaml", cfg)
+    planned = snakemake("-n", "--configfile", configfile)
+    text = output_of(planned)
+    assert planned.returncode == 0, text[-3000:]
+    assert (
+        "CINIC-10.tar.gz" in text and "https://datashare.ed.ac.uk" in text and str(tmp_path / "cinic") in text
+    )
+    real = snakemake("--cores", "1", "--configfile", configfile)
+    text = output_of(real)
+    assert real.returncode != 0 and "CINIC-10.tar.gz" in text and "unpack it into" in text, text[-3000:]
+    assert not (tmp_path / "results").exists()
