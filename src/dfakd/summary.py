@@ -268,7 +268,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylim(0, 100)
         if pair_rows[0]["teacher_top1"] is not None:
             ax.axhline(pair_rows[0]["teacher_top1"], color="tab:red", linestyle="--", label="teacher")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title(f"{pair[0]}: {pair[1]} -> {pair[2]}", fontsize=9)
         ax.set_ylabel("top-1 % (best epoch)")
         ax.tick_params(axis="x", rotation=45, labelsize=7)
@@ -279,6 +279,8 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_learning_curves(student_results: list[Path], path: Path) -> None:
     """Test top-1 per epoch, one panel per pair: per method the mean over seeds (line) and the range
     over seeds (min-max band), in the method order of :func:`method_rank`."""
+    from matplotlib.ticker import MaxNLocator
+
     from dfakd.plots import _pyplot, _save
 
     plt = _pyplot()
@@ -308,6 +310,7 @@ def plot_learning_curves(student_results: list[Path], path: Path) -> None:
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"{pair[0]}: {pair[1]} -> {pair[2]}", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test top-1 % (mean, band: min-max over seeds)")
         ax.legend(fontsize=7)
     _save(fig, path)
