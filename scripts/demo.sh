@@ -20,7 +20,8 @@ teacher = json.loads((out / "teachers/mnist5k/resnet20/s0/eval.json").read_text(
 print(f"\nteacher resnet20 test top-1: {teacher['top1']:.2f}% ({teacher['n']} test images)")
 print((out / "summary.md").read_text())
 parent = json.loads((out / "mlflow_parent_run.json").read_text())
-print(f"MLflow: pipeline run {parent['run_id']} (every job's run is nested under it) in {parent['uri']}")
+run = parent.get("run_id") or "none (no job trained in this invocation)"
+print(f"MLflow: pipeline run {run} (every job's run is nested under it) in {parent['uri']}")
 print(f"open the UI with: mlflow ui --backend-store-uri {parent['uri']}")
 print(f"summary: {out / 'summary.md'}, plots: {out / 'plots'}, report: {out / 'report.html'}")
 PY

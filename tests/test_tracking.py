@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FolderFiles, tiny_config, write_config
 
-from dfakd import config, jobs
+from dfakd import __version__, config, jobs, tracking
 from dfakd.errors import DfakdError
 from dfakd.tracking import RUN_FILE, ensure_experiment, tracking_uri
 
@@ -54,19 +54,32 @@ def test_train_job_logged_to_sqlite(imagefolder: FolderFiles, tmp_path: Path):
     assert [r.info.run_id for r in runs] == [_run_id(run_dir)]
     run = client.get_run(runs[0].info.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "train-resnet8-s0"
+    assert run.info.run_name == "train-imagefolder-resnet8-s0"
 
+    # params: what decided the run (its settings, as its checkpoint stores them), nothing operational
     params = run.data.params
-    flat = config.flatten(cfg)
-    assert set(flat) <= set(params)
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert settings == torch.load(run_dir / "checkpoint.pt", weights_only=True)["settings"]
+    assert params == {k: str(v) for k, v in settings.items()}
     assert params["recipe.lr"] == "0.05" and params["recipe.epochs"] == str(EPOCHS)
     assert params["model.arch"] == "resnet8" and params["dataset.name"] == "imagefolder"
-    assert params["recipe.milestones"] == "[1]" and params["tracking.uri"] == uri
+    assert params["recipe.milestones"] == "[1]"
+    assert not [k for k in params if k.split(".")[0] in ("tracking", "distill", "search", "derive")]
+    assert "runtime.device" not in params and "runtime.threads" not in params
 
     tags = run.data.tags
     assert tags["stage"] == "train" and tags["dataset"] == "imagefolder"
     assert tags["seed"] == "0" and tags["model"] == "resnet8" and tags["purpose"] == "test"
     assert "mlflow.parentRunId" not in tags
+    assert tags["dfakd.current"] == "true" and tags["dfakd.version"] == __version__
+    assert "dfakd" in tags["dfakd.command"] or "pytest" in tags["dfakd.command"]
+    assert tags["mlflow.source.name"]
+    state = tracking.git_state()
+    if state is not None:  # a git checkout (the test suite's usual case)
+        assert tags["dfakd.git_commit"] == tags["mlflow.source.git.commit"] == state[0]
+        assert tags["dfakd.git_dirty"] in ("true", "false")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "tags.dfakd.current" in exp.tags["mlflow.note.content"]
 
     history = client.get_metric_history(run.info.run_id, "test_acc1")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
@@ -132,3 +145,126 @@ def test_failed_job_marks_run_failed(imagefolder: FolderFiles, tmp_path: Path):
     run = _client(tracking_uri(cfg)).get_run(_run_id(tmp_path / "run"))
     assert run.info.status == "FAILED"
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_git_state_without_git(monkeypatch: pytest.MonkeyPatch):
+    tracking.git_state.cache_clear()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        assert tracking.git_state() is None
+        assert "dfakd.git_commit" not in tracking.provenance_tags()
+    finally:
+        tracking.git_state.cache_clear()
+
+
+def test_retrained_job_marks_its_earlier_run_superseded(imagefolder: FolderFiles, tmp_path: Path):
+    cfg = _cfg(imagefolder, tmp_path)
+    run_dir = tmp_path / "results" / "job"
+    jobs.train(cfg, run_dir)
+    first = _run_id(run_dir)
+    cfg["recipe"]["lr"] = 0.02
+    jobs.train(cfg, run_dir, retrain=True)
+    second = _run_id(run_dir)
+    assert second != first
+    client = _client(tracking_uri(cfg))
+    exp_id = client.get_experiment_by_name("tests").experiment_id
+    assert client.get_run(first).data.tags["dfakd.current"] == "false"
+    current = client.search_runs([exp_id], filter_string="tags.dfakd.current = 'true'")
+    assert [r.info.run_id for r in current] == [second]
+    assert client.get_run(second).data.params["recipe.lr"] == "0.02"
+    assert client.get_run(first).data.params["recipe.lr"] == "0.05"
+    (aside,) = (run_dir / "superseded").iterdir()
+    assert json.loads((aside / RUN_FILE).read_text())["tags"]["dfakd.current"] == "false"
+
+
+def test_evaluation_goes_to_the_jobs_run(imagefolder: FolderFiles, tmp_path: Path):
+    cfg = _cfg(imagefolder, tmp_path)
+    run_dir = tmp_path / "results" / "job"
+    jobs.train(cfg, run_dir)
+    evaluation = jobs.evaluate_checkpoint(cfg, run_dir / "best.pt", run_dir / "eval.json")
+    client = _client(tracking_uri(cfg))
+    run = client.get_run(_run_id(run_dir))
+    assert run.data.metrics["eval_top1"] == evaluation["top1"]
+    assert "eval.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # a store that is gone never fails the evaluation
+    (tmp_path / "results" / "mlflow.db").write_bytes(b"garbage" * 100)
+    assert (
+        jobs.evaluate_checkpoint(cfg, run_dir / "best.pt", run_dir / "eval.json")["top1"]
+        == evaluation["top1"]
+    )
+
+
+def test_lazy_parent_run(imagefolder: FolderFiles, tmp_path: Path):
+    """`tracking-init` opens no parent run: the first job that trains does, later jobs nest under it."""
+    cfg = _cfg(imagefolder, tmp_path)
+    uri = tracking_uri(cfg)
+    run_file = tmp_path / "results" / "parent.json"
+    info = tracking.start_pipeline_run(None, "tests", cfg["results_dir"], run_file, "pipeline tests")
+    assert info["run_id"] is None and not info.get("offline")
+    client = _client(uri)
+    exp_id = client.get_experiment_by_name("tests").experiment_id
+    assert client.search_runs([exp_id]) == []  # an invocation that trains nothing adds no parent run
+    cfg["tracking"]["parent_run_file"] = str(run_file)
+    for seed in (0, 1):
+        cfg["seed"] = seed
+        jobs.train(cfg, tmp_path / "results" / f"s{seed}")
+    parent = json.loads(run_file.read_text())["run_id"]
+    assert parent is not None
+    for seed in (0, 1):
+        tags = client.get_run(_run_id(tmp_path / "results" / f"s{seed}")).data.tags
+        assert tags["mlflow.parentRunId"] == parent
+    summary = tmp_path / "summary.md"
+    summary.write_text("# summary\n")
+    assert tracking.finish_pipeline_run(run_file, "FINISHED", [(summary, None)]) is None
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.tags["stage"] == "pipeline"
+    assert [a.path for a in client.list_artifacts(parent)] == ["summary.md"]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_moved_results_folder_keeps_its_artifacts_to_itself(imagefolder: FolderFiles, tmp_path: Path):
+    import shutil
+
+    from conftest import run_cli
+
+    cfg = _cfg(imagefolder, tmp_path)
+    original = tmp_path / "results"
+    jobs.train(cfg, original / "a")
+    moved = tmp_path / "moved" / "results"
+    moved.parent.mkdir()
+    shutil.copytree(original, moved)
+    before = _tree(original)
+
+    cfg["results_dir"] = str(moved)
+    jobs.train(cfg, moved / "b")  # a new job, from the copy
+    cfg["seed"] = 1
+    state = torch.load(moved / "a" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "finished": False}, moved / "a" / "checkpoint.pt")
+    (moved / "a" / "result.json").unlink()
+    cfg["seed"] = 0
+    jobs.train(cfg, moved / "a")  # an interrupted job of the original, finished in the copy
+    synced = run_cli("sync-mlflow", moved, cwd=tmp_path)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+
+    assert _tree(original) == before  # the original is untouched: store, artifacts, run files
+    client = _client(f"sqlite:///{moved / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tests")
+    assert exp.artifact_location == (moved / "mlartifacts").as_uri()
+    for job in ("a", "b"):
+        info = json.loads((moved / job / RUN_FILE).read_text())
+        assert info["uri"] == f"sqlite:///{moved / 'mlflow.db'}" and info["results_dir"] == str(moved)
+        run = client.get_run(info["run_id"])
+        assert run.info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
+        assert run.info.status == "FINISHED"
+        local = Path(client.download_artifacts(run.info.run_id, "result.json", str(tmp_path / f"dl-{job}")))
+        assert (
+            json.loads(local.read_text())["best_acc1"]
+            == json.loads((moved / job / "result.json").read_text())["best_acc1"]
+        )
+    assert len(client.search_runs([exp.experiment_id])) == 2  # job a kept its run in the copy
+    assert (moved / "mlartifacts").is_dir()
+    relocated = run_cli("relocate-mlflow", moved, cwd=tmp_path)
+    assert relocated.returncode == 0 and "nothing to change" in relocated.stdout, relocated.stdout

@@ -358,7 +358,7 @@ def test_import_non_state_dict(tmp_path: Path):
 
 VERBS = [
     "prepare-data", "train", "evaluate", "import-teacher", "search", "derive", "distill", "summarize", "plot",
-    "tracking-init", "tracking-finish", "sync-mlflow", "models",
+    "tracking-init", "tracking-finish", "sync-mlflow", "relocate-mlflow", "models",
 ]  # fmt: skip
 
 

@@ -445,25 +445,36 @@ def test_tiny_run_report(tiny_run: TinyRun) -> None:
     assert proc.returncode == 0, output_of(proc)[-3000:]
     html = report.read_text(errors="replace")
     assert html.lstrip().lower().startswith("<!doctype html")
-    for name in ("accuracy.png", "learning_curves.png", "summary.md", "alphas.png"):
+    for name in ("accuracy.png", "learning_curves.png", "summary.md", "summary.html", "alphas.png"):
         assert name in html, name
+    assert "mlflow.db" in html and "tiny_workflow.yaml" in html  # the front page names store and config
+    page = (tiny_run.out / "summary.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and all(
+        f"<td>{m}</td>" in page for m in tiny_run.cfg["methods"]
+    )
 
 
-@pytest.mark.slow
-def test_tiny_run_mlflow_runs_nested_under_the_pipeline_run(tiny_run: TinyRun) -> None:
+def _tiny_store(tiny_run: TinyRun) -> tuple[Any, Any, dict[str, Any]]:
     from mlflow.tracking import MlflowClient
 
     parent = json.loads((tiny_run.out / "mlflow_parent_run.json").read_text())
     client = MlflowClient(tracking_uri=parent["uri"])
-    exp = client.get_experiment_by_name(tiny_run.cfg["experiment"])
+    return client, client.get_experiment_by_name(tiny_run.cfg["experiment"]), parent
+
+
+@pytest.mark.slow
+def test_tiny_run_mlflow_runs_nested_under_the_pipeline_run(tiny_run: TinyRun) -> None:
+    client, exp, parent = _tiny_store(tiny_run)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent_run = client.get_run(parent["run_id"])
     assert parent_run.info.status == "FINISHED"
+    assert [r.info.run_id for r in runs if r.data.tags.get("stage") == "pipeline"] == [parent["run_id"]]
     children = [r for r in runs if r.info.run_id != parent["run_id"]]
     by_stage: dict[str, list] = {}
     for r in children:
         assert r.data.tags.get("mlflow.parentRunId") == parent["run_id"], r.info.run_name
         assert r.info.status == "FINISHED", r.info.run_name
+        assert r.data.tags["dfakd.current"] == "true" and r.data.tags["dfakd.version"], r.info.run_name
         by_stage.setdefault(r.data.tags["stage"], []).append(r)
     stages = ("train", "search", "distill")  # one run per job of train_teacher, search, distill
     assert {k: len(by_stage.get(k, [])) for k in stages} == {"train": 1, "search": 1, "distill": 4}
@@ -471,8 +482,63 @@ def test_tiny_run_mlflow_runs_nested_under_the_pipeline_run(tiny_run: TinyRun) -
     for r in by_stage["distill"]:
         tags = r.data.tags
         assert tags["dataset"] == "mnist5k" and tags["pair"] == "resnet20-resnet8" and tags["seed"] == "0"
+        assert tags["method_type"] == tiny_run.cfg["methods"][tags["method"]]["method"]
+        assert r.info.run_name == f"{tags['method']}-mnist5k-resnet20-resnet8-s0"
         seen.add(tags["method"])
     assert seen == set(tiny_run.cfg["methods"])
+
+
+@pytest.mark.slow
+def test_tiny_run_mlflow_is_a_comparison_view(tiny_run: TinyRun) -> None:
+    """What a researcher filters and reads: one group per configured method name, params that decided
+    each run, the experiment in MLflow's classic ML view, the parent run's files."""
+    client, exp, parent = _tiny_store(tiny_run)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.note.content" in exp.tags
+    ids = [exp.experiment_id]
+    for name in tiny_run.cfg["methods"]:
+        selected = client.search_runs(ids, filter_string=f"tags.method = '{name}'")
+        assert len(selected) == len(tiny_run.cfg["seeds"]), name
+        assert {r.data.tags["stage"] for r in selected} == {"distill"}, name
+    (search,) = client.search_runs(ids, filter_string="tags.stage = 'search'")
+    assert "method" not in search.data.tags
+    assert search.data.params["search.beta_lr"] == "0.05" and "derive.tau" in search.data.params
+    assert not [k for k in search.data.params if k.startswith(("distill.", "recipe.", "tracking."))]
+    (teacher,) = client.search_runs(ids, filter_string="tags.stage = 'train'")
+    assert not [k for k in teacher.data.params if k.startswith(("distill.", "search.", "teacher."))]
+    for r in client.search_runs(ids, filter_string="tags.stage = 'distill'"):
+        params = r.data.params
+        assert not [k for k in params if k.startswith(("search.", "derive.", "tracking."))], r.info.run_name
+        assert "teacher.sha256" in params and "distill.method" in params, r.info.run_name
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"settings.json", "result.json", "eval.json"} <= artifacts, r.info.run_name
+        assert "eval_top1" in r.data.metrics
+        if r.data.tags["method"] == "dfa":
+            assert "aggregation.yaml" in artifacts
+            assert any(k.startswith("distill.aggregation.g") for k in params), params  # the weights used
+            assert any(k.startswith("distill.options.dfa.") for k in params), params  # resolved options
+    parent_files = {a.path for a in client.list_artifacts(parent["run_id"])}
+    assert {"config.yaml", "summary.md", "summary.csv", "summary.html", "plots"} <= parent_files
+    plots = {a.path for a in client.list_artifacts(parent["run_id"], "plots")}
+    assert plots == {"plots/accuracy.png", "plots/learning_curves.png"}
+    config_dump = yaml.safe_load(
+        Path(
+            client.download_artifacts(parent["run_id"], "config.yaml", str(tiny_run.root / "dl"))
+        ).read_text()
+    )
+    assert config_dump["experiment"] == "tiny" and "_report" not in config_dump
+    tags = client.get_run(parent["run_id"]).data.tags
+    assert "tiny_workflow.yaml" in tags["dfakd.configfiles"]
+
+
+@pytest.mark.slow
+def test_an_invocation_that_trains_nothing_adds_no_parent_run(tiny_run: TinyRun) -> None:
+    client, exp, _ = _tiny_store(tiny_run)
+    before = len(client.search_runs([exp.experiment_id], max_results=1000))
+    proc = snakemake("--cores", "1", "--configfile", *tiny_run.configfiles, "--forcerun", "summary")
+    assert proc.returncode == 0, output_of(proc)[-3000:]
+    assert "summary" in job_stats(output_of(proc))
+    assert len(client.search_runs([exp.experiment_id], max_results=1000)) == before
 
 
 @pytest.mark.slow
@@ -560,6 +626,21 @@ def test_a_rerun_trains_with_the_changed_values(tiny_run: TinyRun, tmp_path: Pat
     vanilla_log = next((logs / "distill").rglob("vanilla/s0.log")).read_text()
     assert "finished run whose outputs are gone" in vanilla_log and "epoch 1/1" in vanilla_log
     assert len(list((students["vanilla"] / "superseded").iterdir())) == 1
+
+    # MLflow shows each job once under tags.dfakd.current = 'true'; the set-aside runs are 'false'
+    client, exp, _ = _tiny_store(tiny_run)
+    current = "tags.dfakd.current = 'true'"
+    for name in tiny_run.cfg["methods"]:
+        selected = client.search_runs(
+            [exp.experiment_id], filter_string=f"{current} and tags.method = '{name}'"
+        )
+        assert len(selected) == 1, name
+        assert (
+            selected[0].info.run_id == json.loads((students[name] / "mlflow_run.json").read_text())["run_id"]
+        )
+    old_run = json.loads((old_kd / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(old_run).data.tags["dfakd.current"] == "false"
+    assert client.get_run(old_run).data.params["distill.options.kd.weight"] == "0.9"
 
 
 # --------------------------------- a user's own data, a space in results_dir, MLflow down, kill -9
@@ -691,7 +772,9 @@ def test_recover_lock_leaves_a_live_run_alone(tmp_path: Path) -> None:
         silent.listen()
         env = {**_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.getsockname()[1]}"}
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "120"
-        configfile = write_yaml(tmp_path / "v.yaml", _valid(tmp_path))
+        cfg = _valid(tmp_path)
+        cfg["datasets"]["c100"]["download"] = True  # else the run stops at once: a dataset to fetch by hand
+        configfile = write_yaml(tmp_path / "v.yaml", cfg)
         holder = subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", configfile],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -758,3 +841,22 @@ def test_method_options_are_checked_when_the_workflow_is_planned(tmp_path: Path)
     assert proc.returncode != 0
     assert "methods.kd.options.kd" in text, text[-3000:]
     assert "Job stats" not in text
+
+
+def test_a_dataset_fetched_by_hand_is_named_at_plan_time(tmp_path: Path) -> None:
+    """CINIC-10 (and CIFAR without download: true) must be fetched by hand: a dry run names the archive,
+    where to get it and the folder to unpack it into; a real run stops before any job, writing nothing."""
+    cfg = _valid(tmp_path)
+    cfg["datasets"] = {"cin": {"name": "cinic10", "root": str(tmp_path / "cinic")}}
+    cfg["teachers"]["t20"]["dataset"] = "cin"
+    configfile = write_yaml(tmp_path / "cin.yaml", cfg)
+    planned = snakemake("-n", "--configfile", configfile)
+    text = output_of(planned)
+    assert planned.returncode == 0, text[-3000:]
+    assert (
+        "CINIC-10.tar.gz" in text and "https://datashare.ed.ac.uk" in text and str(tmp_path / "cinic") in text
+    )
+    real = snakemake("--cores", "1", "--configfile", configfile)
+    text = output_of(real)
+    assert real.returncode != 0 and "CINIC-10.tar.gz" in text and "unpack it into" in text, text[-3000:]
+    assert not (tmp_path / "results").exists()

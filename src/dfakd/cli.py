@@ -63,8 +63,8 @@ def _load_cfg(args: argparse.Namespace) -> dict:
     if args.parent_run_file and Path(args.parent_run_file).is_file():
         # the pipeline's parent run names the store every job of the invocation logs to
         parent = read_json(args.parent_run_file, "parent run file")
-        if parent.get("run_id"):  # null: no parent run could be created, the job runs on its own
-            cfg["tracking"]["parent_run_id"] = parent["run_id"]
+        # the parent run is created by the first job that trains (none: offline, the job runs on its own)
+        cfg["tracking"]["parent_run_file"] = str(args.parent_run_file)
         cfg["tracking"]["uri"] = cfg["tracking"]["uri"] or parent.get("uri")
     return cfg
 
@@ -162,8 +162,11 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         Path(args.csv),
         Path(args.md),
         args.title,
+        Path(args.html) if args.html else None,
+        args.note,
     )
-    print(f"wrote {args.csv} and {args.md} ({len(rows)} rows)")
+    wrote = ", ".join(str(p) for p in (args.csv, args.md, args.html) if p)
+    print(f"wrote {wrote} ({len(rows)} rows)")
     return 0
 
 
@@ -180,22 +183,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_tracking_init(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
-    info = tracking.start_pipeline_run(args.uri, args.experiment, args.results_dir, args.run_file, args.name)
-    if info["run_id"] is None:
+    tags = dict(_key_values(args.tag, "--tag"))
+    info = tracking.start_pipeline_run(
+        args.uri, args.experiment, args.results_dir, args.run_file, args.name, tags
+    )
+    if info.get("offline"):
         print(
             f"dfakd tracking-init: warning: MLflow at {info['uri']} unreachable ({info['error']}); the jobs "
             f"train offline, `dfakd sync-mlflow {shlex.quote(args.results_dir)}` sends their runs later",
             file=sys.stderr,
         )
         return 0
-    print(f"MLflow parent run {info['run_id']} in {info['uri']} (experiment {args.experiment})")
+    print(
+        f"MLflow experiment {args.experiment} in {info['uri']}; the first job that trains opens the "
+        "parent run of this invocation"
+    )
     return 0
+
+
+def _key_values(items: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DfakdError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out.append((key, value))
+    return out
 
 
 def cmd_tracking_finish(args: argparse.Namespace) -> int:
     from dfakd import tracking
 
-    problem = tracking.finish_pipeline_run(args.run_file, args.status)
+    artifacts = [(p, None) for p in args.artifact] + [(p, "plots") for p in args.plot]
+    problem = tracking.finish_pipeline_run(args.run_file, args.status, artifacts)
     if problem:
         print(f"dfakd tracking-finish: warning: parent run not closed: {problem}", file=sys.stderr)
     return 0
@@ -214,6 +234,19 @@ def cmd_sync_mlflow(args: argparse.Namespace) -> int:
         )
     print(f"synced {len(synced) - len(failed)} of {len(synced)} job folder(s) under {args.results_dir}")
     return 2 if failed else 0
+
+
+def cmd_relocate_mlflow(args: argparse.Namespace) -> int:
+    from dfakd import tracking
+
+    if not Path(args.results_dir).is_dir():
+        raise DfakdError(f"results folder not found: {args.results_dir}")
+    experiments, files = tracking.relocate(args.results_dir)
+    print(
+        f"{args.results_dir}: {experiments} experiment(s) of mlflow.db and {files} run file(s) now point "
+        "into this folder" + (" (nothing to change)" if not experiments and not files else "")
+    )
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -308,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="dfakd summary")
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
+    p.add_argument("--html", help="also the summary as an HTML page (shown inline in a Snakemake report)")
+    p.add_argument("--note", action="append", default=[], help="a line above the HTML tables (repeatable)")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("plot", help="accuracy per pair and method, and learning curves")
@@ -323,12 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in --results-dir)")
     p.add_argument("--run-file", required=True, help="JSON file receiving the parent run id")
     p.add_argument("--name", default="pipeline", help="parent run name")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a parent run tag")
     p.set_defaults(func=cmd_tracking_init)
 
-    p = sub.add_parser("tracking-finish", help="close the pipeline parent run")
+    p = sub.add_parser("tracking-finish", help="log the pipeline's files to its parent run and close it")
     p.add_argument("--run-file", required=True)
     p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    p.add_argument("--artifact", action="append", default=[], metavar="PATH", help="a file to log (repeated)")
+    p.add_argument("--plot", action="append", default=[], metavar="PATH", help="a figure to log under plots/")
     p.set_defaults(func=cmd_tracking_finish)
+
+    p = sub.add_parser(
+        "relocate-mlflow", help="after copying or moving a results folder: its default store's artifacts here"
+    )
+    p.add_argument("results_dir", help="the copied or moved <results_dir>/<experiment> (holding mlflow.db)")
+    p.set_defaults(func=cmd_relocate_mlflow)
 
     p = sub.add_parser("sync-mlflow", help="(re)build the MLflow runs of every job from its results files")
     p.add_argument("results_dir", help="a results folder (searched recursively for jobs' mlflow_run.json)")

@@ -94,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "uri": None,  # null: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
         "experiment": "dfakd",
         "parent_run_id": None,  # nest this job's run under a pipeline run
+        "parent_run_file": None,  # or under the (lazily created) parent run of this `tracking-init` file
         "tags": {},
         "retries": 3,  # retries of a failed tracking call (exponential backoff) before going offline
         "backoff_s": 1.0,  # first retry delay, doubled each retry
@@ -110,6 +111,7 @@ _NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "dataset.std": (list,),
     "tracking.uri": (str,),
     "tracking.parent_run_id": (str,),
+    "tracking.parent_run_file": (str,),
     "teacher.arch": (str,),
     "teacher.checkpoint": (str,),
     "distill.aggregation": (str,),

@@ -147,7 +147,11 @@ def student_job(dataset, teacher, student, method, seed):
     }
     extra = {"teacher": {"arch": teacher_def(teacher)["arch"]}, "distill": distill}
     recipe = m.get("recipe", pair_def(dataset, teacher, student)["recipe"])
-    return job_config(dataset, student, recipe, seed, extra)
+    cfg = job_config(dataset, student, recipe, seed, extra)
+    # the MLflow tag `method` is the config's method name (dfa_average), `method_type` its kind (dfa);
+    # tracking.* is operational: not in the job's settings, so it retrains nothing
+    cfg["tracking"]["tags"] = {**cfg["tracking"].get("tags", {}), "method": method}
+    return cfg
 
 
 # ---- paths ----------------------------------------------------------------------------------------
@@ -225,6 +229,7 @@ def final_outputs():
     return [
         f"{OUT}/summary.csv",
         f"{OUT}/summary.md",
+        f"{OUT}/summary.html",
         f"{OUT}/plots/accuracy.png",
         f"{OUT}/plots/learning_curves.png",
         *search_outputs(),
@@ -325,6 +330,47 @@ def check_config():
 check_config()
 
 
+# ---- datasets fetched by hand: named at plan time, refused before any job of a real run starts -----
+
+
+def missing_datasets():
+    from dfakd.data.datasets import missing_manual_dataset
+
+    used = {teacher_dataset(p["teacher"]) for p in config["pairs"]}
+    found = (missing_manual_dataset(config["datasets"][d]) for d in sorted(used))
+    return [f"datasets.{d}: {m}" for d, m in zip(sorted(used), found) if m]
+
+
+MISSING_DATASETS = missing_datasets()
+for _message in MISSING_DATASETS:
+    print(f"dfakd workflow: note: {_message}", file=sys.stderr)
+
+
+def check_datasets_present():
+    """Called first by onstart (a real run, never a dry run): stop before any job when a dataset that
+    must be fetched by hand is missing."""
+    if MISSING_DATASETS:
+        fail("; ".join(MISSING_DATASETS))
+
+
+def mlflow_location():
+    """Where this invocation's MLflow runs go: tracking.uri, $MLFLOW_TRACKING_URI, else the results
+    folder's SQLite store."""
+    return (
+        config.get("tracking", {}).get("uri")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(OUT).resolve()}/mlflow.db"
+    )
+
+
+# what the report's front page (report/workflow.rst, which sees the config alone) names; after validation
+config["_report"] = {
+    "configfiles": [str(f) for f in workflow.configfiles],
+    "mlflow": mlflow_location(),
+    "results": str(Path(OUT).resolve()),
+}
+
+
 # ---- MLflow: one parent run per pipeline invocation ------------------------------------------------
 
 
@@ -347,6 +393,8 @@ def start_pipeline_run():
         return
     args = ["--experiment", EXP, "--results-dir", OUT, "--run-file", PARENT_RUN_FILE]
     args += ["--name", f"pipeline {EXP}"]
+    configfiles = " ".join(str(f) for f in workflow.configfiles)
+    args += ["--tag", f"dfakd.configfiles={configfiles}"]
     if tracking.get("uri"):
         args += ["--uri", tracking["uri"]]
     outcome = _tracking_cli("tracking-init", *args)
@@ -360,10 +408,30 @@ def start_pipeline_run():
 
 
 def finish_pipeline_run(status):
-    if (
+    """Close the parent run (if a job opened one) with the invocation's config, summary and plots."""
+    if not (
         config.get("tracking", {}).get("enabled", True)
         and Path(PARENT_RUN_FILE).is_file()
     ):
-        _tracking_cli(
-            "tracking-finish", "--run-file", PARENT_RUN_FILE, "--status", status
-        )
+        return
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "config.yaml"
+        own = {k: v for k, v in config.items() if k != "_report"}
+        dump.write_text(yaml.safe_dump(json.loads(json.dumps(own)), sort_keys=False))
+        args = [
+            "--run-file",
+            PARENT_RUN_FILE,
+            "--status",
+            status,
+            "--artifact",
+            str(dump),
+        ]
+        for name in ("summary.md", "summary.csv", "summary.html"):
+            args += ["--artifact", f"{OUT}/{name}"]
+        for name in ("accuracy.png", "learning_curves.png"):
+            args += ["--plot", f"{OUT}/plots/{name}"]
+        _tracking_cli("tracking-finish", *args)

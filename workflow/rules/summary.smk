@@ -16,6 +16,12 @@ rule summary:
         md=report(
             f"{OUT}/summary.md", caption="../report/summary.rst", category="Summary"
         ),
+        html=report(
+            f"{OUT}/summary.html",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"table": "summary (read here)"},
+        ),
     log:
         f"{OUT}/logs/summary.log",
     benchmark:
@@ -32,7 +38,7 @@ rule summary:
         title=f"dfakd experiment {EXP}",
     shell:
         "dfakd summarize {input.results:q} {params.teachers:q} --published-json {params.published:q} "
-        "--title {params.title:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+        "--title {params.title:q} --csv {output.csv:q} --md {output.md:q} --html {output.html:q} > {log:q} 2>&1"
 
 
 rule plots:

@@ -117,6 +117,44 @@ def load_split(dataset_cfg: dict[str, Any], split: str) -> ImageSplit:
     return _load_imagefolder(name, root, split)
 
 
+#: datasets fetched by hand: (archive, where to get it, what unpacking it into the root creates)
+MANUAL_ARCHIVES = {
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar.html",
+        "cifar-10-batches-py",
+    ),
+    "cifar100": (
+        "cifar-100-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar.html",
+        "cifar-100-python",
+    ),
+    "cinic10": ("CINIC-10.tar.gz", "https://datashare.ed.ac.uk/handle/10283/3192", "train, valid, test"),
+}
+
+
+def fetch_hint(name: str, root: str | Path) -> str:
+    """How to fetch a dataset by hand: the archive, where to get it, the exact folder to unpack it into."""
+    archive, url, creates = MANUAL_ARCHIVES[name]
+    auto = " (or set download: true where there is internet)" if name in CIFAR_DIRS else ""
+    return (
+        f"download {archive} from {url} and unpack it into {Path(root).resolve()} (it creates {creates} "
+        f"there){auto}"
+    )
+
+
+def missing_manual_dataset(dataset_cfg: dict[str, Any]) -> str | None:
+    """Why a dataset that must be fetched by hand cannot be used yet (its folder is missing), with how to
+    fetch it; None when it is there, downloads itself, or is not such a dataset."""
+    name, root = dataset_cfg["name"], Path(dataset_cfg["root"])
+    if name not in MANUAL_ARCHIVES or (name in CIFAR_DIRS and dataset_cfg.get("download")):
+        return None
+    present = (root / CIFAR_DIRS[name]).is_dir() if name in CIFAR_DIRS else (root / "train").is_dir()
+    if present:
+        return None
+    return f"{name}: dataset folder {root} not found; {fetch_hint(name, root)}"
+
+
 def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSplit:
     from torchvision import datasets
 
@@ -128,8 +166,8 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSpli
             raise
         raise DfakdError(
             f"{name} not found or corrupted: expected the python-pickle batches in "
-            f"{root / CIFAR_DIRS[name]} (set dataset.download: true where there is internet, or unpack "
-            f"the official {CIFAR_DIRS[name].replace('-py', '').replace('-python', '')}-python.tar.gz there)"
+            f"{root / CIFAR_DIRS[name]} (set dataset.download: true where there is internet, or "
+            f"{fetch_hint(name, root)})"
         ) from None
     except OSError as exc:  # download attempted without internet
         raise DfakdError(f"{name}: download into {root} failed ({exc}); fetch the archive by hand") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from dfakd.data.datasets import CIFAR_DIRS, load_split
+from dfakd.data.datasets import CIFAR_DIRS, MANUAL_ARCHIVES, fetch_hint, load_split
 from dfakd.errors import DfakdError
 
 # ImageFolder splits checked by prepare-data: (required, optional)
@@ -30,7 +30,10 @@ def check_imagefolder(name: str, root: str | Path, echo: Callable[[str], None] =
     root = Path(root)
     required, optional = IMAGEFOLDER_SPLITS[name]
     if not root.is_dir():
-        raise DfakdError(f"{name}: dataset folder {root} not found (layout <root>/{{train,test}}/<class>/)")
+        hint = f"; {fetch_hint(name, root)}" if name in MANUAL_ARCHIVES else ""
+        raise DfakdError(
+            f"{name}: dataset folder {root} not found (layout <root>/{{train,test}}/<class>/){hint}"
+        )
     missing = [s for s in required if not (root / s).is_dir()]
     if missing:
         raise DfakdError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,13 @@ import torch
 from dfakd import config as config_mod
 from dfakd import data, models
 from dfakd.errors import DfakdError
-from dfakd.files import atomic_write_text, check_output_dir, load_checkpoint
+from dfakd.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    load_checkpoint,
+)
 from dfakd.models.state import extract_state_dict, load_state_strict
 from dfakd.tracking import Tracker
 from dfakd.training.loop import RunFolder, open_run
@@ -79,14 +86,22 @@ def open_job(
     stage: str,
     run_name: str,
     tags: dict[str, Any],
+    inputs: dict[str, str | Path] | None = None,
 ) -> Job:
-    """Set an earlier run's files aside, write ``config.yaml`` and open (or reopen) the MLflow run. Called
-    once every input has been checked, so that a bad input leaves nothing behind in the results folder."""
+    """Set an earlier run's files aside, write ``config.yaml``, ``settings.json`` (what decides the result:
+    the settings the checkpoint stores, the MLflow run's params) and a copy of each of ``inputs`` (name in
+    the run folder -> file, e.g. the aggregation file a DFA student uses), and open (or reopen) the MLflow
+    run. Called once every input has been checked, so that a bad input leaves nothing behind."""
     run.path.mkdir(parents=True, exist_ok=True)
-    run.begin()
+    set_aside = run.begin()
     atomic_write_text(run.path / "config.yaml", config_mod.dump(cfg))
+    atomic_write_json(run.path / "settings.json", json.loads(json.dumps(run.settings, default=str)))
+    for name, source in (inputs or {}).items():
+        atomic_write_bytes(run.path / name, Path(source).read_bytes())
     base_tags = {"stage": stage, "dataset": cfg["dataset"]["name"], "seed": str(cfg["seed"])}
     tracker = Tracker(cfg, run.path, run_name, {**base_tags, **{k: str(v) for k, v in tags.items()}})
+    if set_aside is not None:
+        tracker.mark_superseded(set_aside)
     return Job(cfg=cfg, run=run, device=device, tracker=tracker)
 
 

@@ -32,7 +32,9 @@ CHECKPOINT, RESULT = "checkpoint.pt", "result.json"
 def distill(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> dict[str, Any]:
     dcfg = cfg["distill"]
     names = methods.parse_method(dcfg["method"])
-    student_arch, method_tag = cfg["model"]["arch"], dcfg["method"]
+    student_arch, method_type = cfg["model"]["arch"], dcfg["method"]
+    # the config's name of the method (the workflow's `methods:` key, e.g. dfa_average), else its type
+    method_tag = str(cfg["tracking"]["tags"].get("method") or method_type)
     device = setup(cfg)
     channels_last = cfg["runtime"]["channels_last"]
     n_classes = data.num_classes(cfg["dataset"])
@@ -57,24 +59,27 @@ def distill(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> 
     step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
     task = SupervisedTask(cfg, step, student, step.loss, train_batches, test_batches, device)
     pair = f"{teacher_arch}-{student_arch}"
-    tags = {"method": method_tag, "teacher": teacher_arch, "student": student_arch, "pair": pair}
+    tags = {
+        "method": method_tag, "method_type": method_type, "teacher": teacher_arch, "student": student_arch,
+        "pair": pair,
+    }  # fmt: skip
     meta = {
         "arch": student_arch,
         "num_classes": n_classes,
         "dataset": cfg["dataset"]["name"],
         "seed": cfg["seed"],
         "teacher": teacher_arch,
-        "method": method_tag,
+        "method": method_type,
     }
-    job = open_job(
-        cfg, run, device, "distill", f"{method_tag}-{pair}-s{cfg['seed']}", {**tags, "model": student_arch}
-    )
+    name = f"{method_tag}-{cfg['dataset']['name']}-{pair}-s{cfg['seed']}"
+    inputs = {"aggregation.yaml": dcfg["aggregation"]} if "dfa" in names and dcfg["aggregation"] else {}
+    job = open_job(cfg, run, device, "distill", name, {**tags, "model": student_arch}, inputs)
     try:
         if parts and run.resume_state is None:
             unaugmented = eval_stream(cfg, device, train_split)
             for part in step.parts:
                 part.prepare(teacher, unaugmented)
-        log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} on {device}")
+        log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} ({method_type}) on {device}")
         history, final_state = run_epochs(run, task, job.tracker, cfg["runtime"], "metrics.csv")
         result = task.finish(run.path, history, meta)
         finish_job(job, result, final_state)

@@ -3,6 +3,7 @@ checkpoint into this package's layout)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,12 @@ def evaluate_checkpoint(
     }
     if out is not None:
         atomic_write_json(out, result)
+        if cfg["tracking"]["enabled"]:
+            from dfakd.tracking import log_evaluation
+
+            problem = log_evaluation(out)  # into a job's folder: to its MLflow run, best-effort
+            if problem and Path(out).name == "eval.json" and (Path(out).parent / "mlflow_run.json").is_file():
+                print(f"dfakd evaluate: warning: {out} not sent to MLflow: {problem}", file=sys.stderr)
     return result
 
 

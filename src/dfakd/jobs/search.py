@@ -162,8 +162,10 @@ def search(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> d
     searcher = Searcher(cfg, teacher, student, device)
     task = SearchTask(cfg, searcher, paired)
     pair = f"{teacher_arch}-{student_arch}"
-    tags = {"teacher": teacher_arch, "student": student_arch, "pair": pair, "method": "dfa"}
-    job = open_job(cfg, run, device, "search", f"search-{pair}-s{cfg['seed']}", tags)
+    # no `method` tag: a search is no student and joins no method's group (stage=search says what it is)
+    tags = {"teacher": teacher_arch, "student": student_arch, "pair": pair, "model": student_arch}
+    name = f"search-{cfg['dataset']['name']}-{pair}-s{cfg['seed']}"
+    job = open_job(cfg, run, device, "search", name, tags)
     try:
         shared = {p.spatial for p in searcher.pairs}
         skipped = [g.spatial for g in teacher.describe_groups() if g.spatial not in shared]

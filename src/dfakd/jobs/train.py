@@ -45,7 +45,8 @@ def train(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> di
         return F.cross_entropy(logits, y), logits, {}
 
     task = SupervisedTask(cfg, model, model, step_loss, train_batches, test_batches, device)
-    job = open_job(cfg, run, device, "train", f"train-{arch}-s{cfg['seed']}", {"model": arch})
+    name = f"train-{cfg['dataset']['name']}-{arch}-s{cfg['seed']}"
+    job = open_job(cfg, run, device, "train", name, {"model": arch})
     try:
         log(f"training {arch} on {cfg['dataset']['name']} ({len(train_batches)} steps/epoch) on {device}")
         history, final_state = run_epochs(run, task, job.tracker, cfg["runtime"], "metrics.csv")

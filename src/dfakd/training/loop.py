@@ -46,9 +46,9 @@ from dfakd.training.runtime import Progress, autocast, log
 CHECKPOINT_FORMAT = "dfakd-checkpoint/2"
 #: every file a job may write into its run folder: what is set aside when a run folder is reused
 JOB_FILES = (
-    "config.yaml", "checkpoint.pt", "search_checkpoint.pt", "best.pt", "last.pt", "metrics.csv",
-    "search_metrics.csv", "result.json", "search.json", "eval.json", "mlflow_run.json",
-    "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png",
+    "config.yaml", "settings.json", "aggregation.yaml", "checkpoint.pt", "search_checkpoint.pt", "best.pt",
+    "last.pt", "metrics.csv", "search_metrics.csv", "result.json", "search.json", "eval.json",
+    "mlflow_run.json", "alpha_trajectory.csv", "alphas.png", "alpha_trajectory.png",
 )  # fmt: skip
 
 
@@ -83,10 +83,11 @@ class RunFolder:
     set_aside_reason: str | None = None  # earlier files to move to superseded/ when the job opens
     leftovers: list[Path] = field(default_factory=list)
 
-    def begin(self) -> None:
-        """Called when the job opens (every input checked): set the earlier run's files aside."""
+    def begin(self) -> Path | None:
+        """Called when the job opens (every input checked): set the earlier run's files aside; returns the
+        folder they went to (None: nothing was set aside)."""
         if not self.leftovers:
-            return
+            return None
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = self.path / SUPERSEDED / stamp
         target.mkdir(parents=True)
@@ -95,6 +96,7 @@ class RunFolder:
                 path.rename(target / path.name)
         log(f"{self.set_aside_reason}: the earlier run's files are set aside in {target}; training afresh")
         self.leftovers = []
+        return target
 
     def finish(self, result: dict[str, Any], final_state: dict[str, Any]) -> None:
         """Write the result file (with the fingerprint), then mark the checkpoint finished."""
