@@ -22,8 +22,9 @@ from dfakd.files import (
 )
 from dfakd.models.state import extract_state_dict, load_state_strict
 from dfakd.tracking import Tracker
-from dfakd.training.loop import RunFolder, open_run
+from dfakd.training.loop import RunFolder, open_run, run_epochs
 from dfakd.training.runtime import log, prepare_module
+from dfakd.training.supervised import SupervisedTask
 
 #: the config sections that decide each stage's result (its settings: fingerprinted, logged as params)
 STAGE_SECTIONS = {
@@ -151,6 +152,32 @@ def eval_stream(cfg: dict[str, Any], device: torch.device, split: data.ImageSpli
 def test_stream(cfg: dict[str, Any], device: torch.device) -> data.BatchStream:
     """Batches of the test split, in order, unaugmented."""
     return eval_stream(cfg, device, data.load_split(cfg["dataset"], "test"))
+
+
+def supervised_streams(
+    cfg: dict[str, Any], device: torch.device
+) -> tuple[data.ImageSplit, data.BatchStream, data.BatchStream]:
+    """The training split (checked against ``recipe.batch_size``), its training stream and the test
+    stream of ``train`` and ``distill``."""
+    train_split = data.load_split(cfg["dataset"], "train")
+    batch_size = cfg["recipe"]["batch_size"]
+    check_batch_size("recipe.batch_size", batch_size, len(train_split), "the training split")
+    return train_split, train_stream(cfg, device, train_split, batch_size), test_stream(cfg, device)
+
+
+def run_supervised(job: Job, task: SupervisedTask, meta: dict[str, Any], before=None) -> dict[str, Any]:
+    """Run a supervised task to its end in the job's run folder (``before``: called first, inside the
+    job); the job's MLflow run is closed as FAILED/KILLED if it stops early."""
+    try:
+        if before is not None:
+            before()
+        history, final_state = run_epochs(job.run, task, job.tracker, job.cfg["runtime"], "metrics.csv")
+        result = task.finish(job.run_dir, history, meta)
+        finish_job(job, result, final_state)
+    except BaseException as exc:
+        job.tracker.abort(exc)
+        raise
+    return result
 
 
 def check_batch_size(key: str, batch_size: int, n: int, what: str) -> None:

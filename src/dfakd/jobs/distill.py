@@ -10,19 +10,16 @@ import torch
 
 from dfakd import data, methods, models
 from dfakd.jobs.common import (
-    check_batch_size,
     check_run_dir,
     eval_stream,
-    finish_job,
     frozen,
     load_teacher,
     open_job,
+    run_supervised,
     stage_settings,
-    test_stream,
-    train_stream,
+    supervised_streams,
 )
 from dfakd.methods.distill import DistillStep
-from dfakd.training.loop import run_epochs
 from dfakd.training.runtime import log, prepare_module, setup
 from dfakd.training.supervised import SupervisedTask
 
@@ -52,10 +49,7 @@ def distill(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> 
     run = check_run_dir(run_dir, CHECKPOINT, RESULT, stage_settings(cfg, "distill", extra), retrain)
     if run.done is not None:
         return run.done
-    train_split = data.load_split(cfg["dataset"], "train")
-    batch_size = cfg["recipe"]["batch_size"]
-    check_batch_size("recipe.batch_size", batch_size, len(train_split), "the training split")
-    train_batches, test_batches = train_stream(cfg, device, train_split, batch_size), test_stream(cfg, device)
+    train_split, train_batches, test_batches = supervised_streams(cfg, device)
     step = prepare_module(DistillStep(student, teacher, parts, dcfg["ce_weight"]), device, channels_last)
     task = SupervisedTask(cfg, step, student, step.loss, train_batches, test_batches, device)
     pair = f"{teacher_arch}-{student_arch}"
@@ -74,16 +68,12 @@ def distill(cfg: dict[str, Any], run_dir: str | Path, retrain: bool = False) -> 
     name = f"{method_tag}-{cfg['dataset']['name']}-{pair}-s{cfg['seed']}"
     inputs = {"aggregation.yaml": dcfg["aggregation"]} if "dfa" in names and dcfg["aggregation"] else {}
     job = open_job(cfg, run, device, "distill", name, {**tags, "model": student_arch}, inputs)
-    try:
+
+    def prepare_methods() -> None:  # fixed state (margins) from the training data, not on resume
         if parts and run.resume_state is None:
             unaugmented = eval_stream(cfg, device, train_split)
             for part in step.parts:
                 part.prepare(teacher, unaugmented)
-        log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} ({method_type}) on {device}")
-        history, final_state = run_epochs(run, task, job.tracker, cfg["runtime"], "metrics.csv")
-        result = task.finish(run.path, history, meta)
-        finish_job(job, result, final_state)
-    except BaseException as exc:
-        job.tracker.abort(exc)
-        raise
-    return result
+
+    log(f"distilling {teacher_arch} -> {student_arch} with {method_tag} ({method_type}) on {device}")
+    return run_supervised(job, task, meta, before=prepare_methods)
