@@ -267,3 +267,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Completed
 def _no_ambient_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their own tracking store; an ``MLFLOW_TRACKING_URI`` from the shell must not leak in."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, verb: str) -> str:
+    """Exit code 2 and exactly one stderr line ``dfakd VERB: error: ...``, no traceback; returns the line."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dfakd {verb}: error: "), lines[0]
+    return lines[0]

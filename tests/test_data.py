@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from conftest import (
     CifarFiles,
     FolderFiles,
+    one_line_error,
     run_cli,
     tiny_config,
     write_cifar10,
@@ -162,16 +162,6 @@ def test_unknown_dataset_names_key():
 # ------------------------------------------------------- ImageFolder splits follow the training split
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, verb: str) -> str:
-    """Exit code 2 and exactly one stderr line ``dfakd VERB: error: ...``, no traceback."""
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"dfakd {verb}: error: "), lines[0]
-    return lines[0]
-
-
 def _snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` (folders as None) with its bytes: to prove nothing was touched."""
     return {
@@ -210,7 +200,7 @@ def test_extra_test_class_refused_before_anything_is_written(imagefolder: Folder
 
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(imagefolder.root, tmp_path / "results"))
     run = tmp_path / "run"
-    line = _one_line_error(run_cli("train", "-c", cfg, "-o", run, cwd=tmp_path), "train")
+    line = one_line_error(run_cli("train", "-c", cfg, "-o", run, cwd=tmp_path), "train")
     assert "'class_z'" in line
     assert not run.exists() and not (tmp_path / "results").exists()
 
@@ -252,7 +242,7 @@ def test_prepare_data_corrupt_first_image_no_traceback(imagefolder: FolderFiles,
     first = imagefolder.images["train"][0][0]
     first.write_bytes(b"not an image at all")
     proc = run_cli("prepare-data", "imagefolder", "--root", imagefolder.root, cwd=tmp_path)
-    line = _one_line_error(proc, "prepare-data")
+    line = one_line_error(proc, "prepare-data")
     assert str(first) in line
 
 
@@ -342,7 +332,7 @@ def test_prepare_mnist5k_refuses_folder_with_other_files(tmp_path: Path):
     before = _snapshot(tmp_path)
     for extra in ([], ["--force"]):
         proc = run_cli("prepare-data", "mnist5k", "--root", root, *extra, cwd=tmp_path)
-        line = _one_line_error(proc, "prepare-data")
+        line = one_line_error(proc, "prepare-data")
         assert str(root) in line and "not a finished mnist5k copy" in line
         assert _snapshot(tmp_path) == before
 
@@ -485,7 +475,7 @@ def test_prepare_mnist5k_cluttered_refuses_folder_with_other_files(tmp_path: Pat
     before = _snapshot(tmp_path)
     for extra in ([], ["--force"]):
         proc = run_cli("prepare-data", "mnist5k-cluttered", "--root", root, *extra, cwd=tmp_path)
-        line = _one_line_error(proc, "prepare-data")
+        line = one_line_error(proc, "prepare-data")
         assert str(root) in line and "not a finished mnist5k-cluttered copy" in line
         assert _snapshot(tmp_path) == before
 

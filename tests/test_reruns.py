@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, run_cli, tiny_config, write_config, write_imagefolder
+from conftest import cli_env, one_line_error, run_cli, tiny_config, write_config, write_imagefolder
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -64,7 +56,7 @@ def test_changed_setting_on_a_finished_run_is_refused_then_retrained(tmp_path: P
         ("recipe.epochs=3", "recipe.epochs 2 -> 3"),
     ):
         refused = _train(tmp_path, images, run, change)
-        line = _one_line_error(refused)
+        line = one_line_error(refused, "train")
         assert "holds a finished run with other settings" in line and key in line and "--retrain" in line
         assert _snapshot(run) == before  # not even config.yaml was rewritten
 
@@ -144,7 +136,7 @@ def test_a_method_option_decides_the_settings(tmp_path: Path, images, teacher: P
     assert same.returncode == 0 and "nothing to do" in same.stderr
 
     half = ("--set", "distill.options={kd: {weight: 0.45}}")
-    line = _one_line_error(_distill(tmp_path, images, teacher, run, *half))
+    line = one_line_error(_distill(tmp_path, images, teacher, run, *half), "distill")
     assert "distill.options.kd.weight 0.9 -> 0.45" in line
     retrained = _distill(tmp_path, images, teacher, run, *half, "--retrain")
     assert retrained.returncode == 0, retrained.stderr
@@ -159,7 +151,7 @@ def test_a_new_teacher_is_a_new_setting(tmp_path: Path, images, teacher: Path) -
     payload = torch.load(teacher, weights_only=True)
     payload["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["model"].items()}
     torch.save(payload, other)
-    line = _one_line_error(_distill(tmp_path, images, other, run))
+    line = one_line_error(_distill(tmp_path, images, other, run), "distill")
     assert "teacher.sha256" in line
 
 
@@ -185,7 +177,7 @@ def test_an_empty_result_file_is_one_line_and_retrain_sets_it_aside(tmp_path: Pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "result.json").write_text("")
-    line = _one_line_error(_train(tmp_path, images, run))
+    line = one_line_error(_train(tmp_path, images, run), "train")
     assert "result.json is not valid JSON" in line and "--retrain" in line
     assert [p.name for p in run.iterdir()] == ["result.json"]  # nothing written
     retrained = _train(tmp_path, images, run, "--retrain")

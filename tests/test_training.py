@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli_env, run_cli, tiny_config, write_config, write_imagefolder
+from conftest import cli_env, one_line_error, run_cli, tiny_config, write_config, write_imagefolder
 
 from dfakd import cli, config, models
 
@@ -31,16 +31,6 @@ def _load(path: Path):
 def _csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _one_line_error(proc: subprocess.CompletedProcess, verb: str) -> str:
-    """Exit code 2 and exactly one stderr line ``dfakd VERB: error: ...``, no traceback."""
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"dfakd {verb}: error: "), lines[0]
-    return lines[0]
 
 
 # -------------------------------------------------------------------------------------- a trained run
@@ -138,16 +128,16 @@ def test_evaluate_class_count_mismatch(trained: Trained):
         "evaluate", "--checkpoint", trained.run / "last.pt", "-c", trained.cfg_path,
         "--set", "dataset.num_classes=5", cwd=trained.base,
     )  # fmt: skip
-    line = _one_line_error(proc, "evaluate")
+    line = one_line_error(proc, "evaluate")
     assert "3 classes" in line and "5" in line
 
 
 def test_train_config_error_is_one_line(tmp_path: Path, imagefolder):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_config(imagefolder.root, tmp_path / "results"))
     proc = run_cli("train", "-c", cfg, "-o", tmp_path / "run", "--set", "recipe.epochs=0", cwd=tmp_path)
-    assert "recipe.epochs" in _one_line_error(proc, "train")
+    assert "recipe.epochs" in one_line_error(proc, "train")
     proc = run_cli("train", "-c", cfg, "-o", tmp_path / "run", "--set", "model.arch=resnet9", cwd=tmp_path)
-    assert "unknown model 'resnet9'" in _one_line_error(proc, "train")
+    assert "unknown model 'resnet9'" in one_line_error(proc, "train")
     assert not (tmp_path / "run").exists()  # nothing written for a job that cannot start
 
 
@@ -310,7 +300,7 @@ def _import(tmp_path: Path, src: Path, arch: str = "resnet8", classes: int = 3, 
 def test_import_wrong_architecture_lists_keys(tmp_path: Path):
     src = tmp_path / "vgg.pth"
     torch.save({"model": models.build("vgg8", 3).state_dict()}, src)
-    line = _one_line_error(_import(tmp_path, src), "import-teacher")
+    line = one_line_error(_import(tmp_path, src), "import-teacher")
     assert "does not fit architecture 'resnet8'" in line
     assert "missing keys: bn1.bias, " in line and "conv1.weight" in line  # sorted, first 8 shown
     assert "unexpected keys: " in line and "block0.0.weight" in line
@@ -320,14 +310,14 @@ def test_import_wrong_architecture_lists_keys(tmp_path: Path):
 def test_import_wrong_class_count_lists_shapes(tmp_path: Path):
     src = tmp_path / "r100.pth"
     torch.save({"model": models.build("resnet8", 100).state_dict()}, src)
-    line = _one_line_error(_import(tmp_path, src), "import-teacher")
+    line = one_line_error(_import(tmp_path, src), "import-teacher")
     assert "shape mismatch keys: fc.bias, fc.weight" in line and "missing" not in line
 
 
 def test_import_refuses_pickled_objects(tmp_path: Path):
     src = tmp_path / "evil.pth"
     torch.save({"model": models.build("resnet8", 3).state_dict(), "extra": NotAWeight()}, src)
-    line = _one_line_error(_import(tmp_path, src), "import-teacher")
+    line = one_line_error(_import(tmp_path, src), "import-teacher")
     assert "pickled Python objects" in line and str(src) in line
 
 
@@ -335,23 +325,23 @@ def test_import_truncated_file(trained: Trained, tmp_path: Path):
     raw = (trained.run / "best.pt").read_bytes()
     src = tmp_path / "half.pth"
     src.write_bytes(raw[: len(raw) // 2])
-    line = _one_line_error(_import(tmp_path, src), "import-teacher")
+    line = one_line_error(_import(tmp_path, src), "import-teacher")
     assert "truncated or corrupt" in line and str(src) in line
 
 
 def test_import_wrong_sha256_and_missing_file(trained: Trained, tmp_path: Path):
     src = trained.run / "best.pt"
-    line = _one_line_error(_import(tmp_path, src, "resnet8", 3, "--sha256", "0" * 64), "import-teacher")
+    line = one_line_error(_import(tmp_path, src, "resnet8", 3, "--sha256", "0" * 64), "import-teacher")
     assert "sha256" in line and hashlib.sha256(src.read_bytes()).hexdigest() in line
     assert not (tmp_path / "t.pt").exists()
-    line = _one_line_error(_import(tmp_path, tmp_path / "absent.pth"), "import-teacher")
+    line = one_line_error(_import(tmp_path, tmp_path / "absent.pth"), "import-teacher")
     assert "checkpoint not found" in line
 
 
 def test_import_non_state_dict(tmp_path: Path):
     src = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], src)
-    assert "holds no state_dict" in _one_line_error(_import(tmp_path, src), "import-teacher")
+    assert "holds no state_dict" in one_line_error(_import(tmp_path, src), "import-teacher")
 
 
 # ------------------------------------------------------------------------------------------------ help
