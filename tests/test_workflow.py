@@ -38,6 +38,7 @@ SHIPPED = [
     "config/paper/cifar100.yaml",
     "config/paper/cinic10.yaml",
     "config/benchmarks/crd_cifar100.yaml",
+    "config/experiments/ablation.yaml",
 ]
 SEARCHED_MODES = {"prune", "argmax", "topk", "full"}
 
@@ -135,13 +136,16 @@ def expected_jobs(cfg: dict[str, Any]) -> dict[str, int]:
                     hit = re.fullmatch(pattern, m["aggregation_file"])
                     if hit:
                         a_ds, a_t, a_s, mode, a_seed = hit.groups()
-                        aggregations.add((a_ds, a_t, a_s, mode, int(a_seed)))
+                        aggregations.add((a_ds, a_t, a_s, "", mode, int(a_seed)))
                 elif m.get("aggregation"):
                     mode = m["aggregation"]
-                    aggregations.add((ds, t, s, mode, search_seed(seed) if mode in SEARCHED_MODES else seed))
-        if any(methods[n].get("aggregation") in SEARCHED_MODES for n in names):
-            searches |= {(ds, t, s, search_seed(seed)) for seed in seeds}
-    searches |= {(ds, t, s, seed) for ds, t, s, mode, seed in aggregations if mode in SEARCHED_MODES}
+                    searched = mode in SEARCHED_MODES
+                    variant = m.get("search_variant", "") if searched else ""
+                    aggregations.add((ds, t, s, variant, mode, search_seed(seed) if searched else seed))
+        for variant in {methods[n].get("search_variant", "") for n in names
+                        if methods[n].get("aggregation") in SEARCHED_MODES}:  # fmt: skip
+            searches |= {(ds, t, s, variant, search_seed(seed)) for seed in seeds}
+    searches |= {(ds, t, s, v, seed) for ds, t, s, v, mode, seed in aggregations if mode in SEARCHED_MODES}
 
     used = {p["teacher"] for p in cfg["pairs"]}
     imported = {t for t in used if teachers[t].get("checkpoint")}
@@ -200,6 +204,7 @@ def _crd_imported(tmp_path: Path) -> tuple[list[Path], dict]:
         pytest.param(_paper("config/paper/cinic10.yaml"), id="paper-cinic10"),
         pytest.param(_paper("config/benchmarks/crd_cifar100.yaml"), id="crd-cifar100"),
         pytest.param(_crd_imported, id="crd-cifar100-imported-teacher"),
+        pytest.param(_paper("config/experiments/ablation.yaml"), id="ablation"),
     ],
 )
 def test_dry_run_plans_the_grid(make: Callable, tmp_path: Path) -> None:
@@ -214,6 +219,23 @@ def test_shipped_configs_are_covered() -> None:
     planned by test_dry_run_plans_the_grid."""
     found = [p for p in (REPO / "config").rglob("*.yaml") if "pairs" in (yaml.safe_load(p.read_text()) or {})]
     assert sorted(str(p.relative_to(REPO)) for p in found) == sorted(SHIPPED)
+
+
+def test_search_variants_are_searches_of_their_own(tmp_path: Path) -> None:
+    """The ablation's search variants: one search per (pair, variant, search seed), each with its
+    overrides of `search`, and its DFA students read the aggregation derived from it."""
+    files, cfg = _paper("config/experiments/ablation.yaml")(tmp_path)
+    _, text = dry_run(*files)
+    searches = planned_wildcards(text, "search")
+    per_pair = len(cfg["search_seeds"]) * 3  # the default search, mse_st and joint
+    assert len(searches) == len(cfg["pairs"]) * per_pair
+    assert sum("variant=mse_st-," in w for w in searches) == len(cfg["pairs"]) * len(cfg["search_seeds"])
+    blocks = re.findall(r"^rule search:\n(.*?)(?:\n\n|\Z)", text, re.S | re.M)
+    mse = [b for b in blocks if "/mse_st-s0/" in b]
+    assert mse and all('"st_distance": "mse"' in b for b in mse)
+    assert all('"schedule": "joint"' in b for b in blocks if "/joint-s1/" in b)
+    default = [b for b in blocks if re.search(r"/resnet8/s0/search.json", b)]
+    assert default and not any('"st_distance"' in b for b in default)
 
 
 def test_paper_dfa_t_reads_the_cifar100_search(tmp_path: Path) -> None:

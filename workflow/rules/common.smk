@@ -18,6 +18,9 @@ OUT = f"{config.get('results_dir', 'results')}/{EXP}"
 PARENT_RUN_FILE = f"{OUT}/mlflow_parent_run.json"
 SEEDS = config["seeds"]
 SEARCH_SEEDS = config.get("search_seeds", [0])
+# named overrides of `search` (e.g. the ablations of the search itself); a method picks one with
+# `search_variant`, and its searches and aggregations live under "<variant>-s<seed>" beside the default's
+SEARCH_VARIANTS = config.get("search_variants", {})
 
 
 wildcard_constraints:
@@ -29,6 +32,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     sseed=r"[0-9]+",
     tseed=r"[0-9]+",
+    variant=r"([A-Za-z0-9_]+-)?",
 
 
 def fail(message):
@@ -117,11 +121,17 @@ def teacher_job(teacher):
     return job_config(t["dataset"], t["arch"], t["recipe"], t.get("seed", 0))
 
 
-def search_job(dataset, teacher, student, sseed):
+def variant_prefix(method):
+    """The path prefix of a method's search variant: "" for the default search, "<name>-" else."""
+    name = config["methods"][method].get("search_variant")
+    return f"{name}-" if name else ""
+
+
+def search_job(dataset, teacher, student, sseed, variant=""):
     t = teacher_def(teacher)
     extra = {
         "teacher": {"arch": t["arch"]},
-        "search": config.get("search", {}),
+        "search": {**config.get("search", {}), **SEARCH_VARIANTS.get(variant[:-1], {})},
         "derive": config.get("derive", {}),
     }
     pair_def(dataset, teacher, student)  # the pair must exist
@@ -178,13 +188,14 @@ def aggregation_input(wildcards):
     sseed = (
         search_seed_for(wildcards.seed) if mode in SEARCHED_MODES else wildcards.seed
     )
-    return f"{OUT}/aggregations/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/{mode}-s{sseed}.yaml"
+    variant = variant_prefix(wildcards.method) if mode in SEARCHED_MODES else ""
+    return f"{OUT}/aggregations/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/{variant}{mode}-s{sseed}.yaml"
 
 
 def derive_search_input(wildcards):
     if wildcards.mode in FIXED_MODES:
         return []
-    return f"{OUT}/search/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/s{wildcards.sseed}/search.json"
+    return f"{OUT}/search/{wildcards.dataset}/{wildcards.teacher}/{wildcards.student}/{wildcards.variant}s{wildcards.sseed}/search.json"
 
 
 def student_dirs():
@@ -215,12 +226,15 @@ def search_outputs():
     for pair in config["pairs"]:
         dataset = teacher_dataset(pair["teacher"])
         methods = pair.get("methods", list(config["methods"]))
-        if any(
-            config["methods"][m].get("aggregation") in SEARCHED_MODES for m in methods
-        ):
+        variants = {
+            variant_prefix(m)
+            for m in methods
+            if config["methods"][m].get("aggregation") in SEARCHED_MODES
+        }
+        for variant in sorted(variants):
             for sseed in sorted({search_seed_for(s) for s in SEEDS}):
                 outs.append(
-                    f"{OUT}/search/{dataset}/{pair['teacher']}/{pair['student']}/s{sseed}/search.json"
+                    f"{OUT}/search/{dataset}/{pair['teacher']}/{pair['student']}/{variant}s{sseed}/search.json"
                 )
     return outs
 
@@ -307,15 +321,30 @@ def check_config():
             )
         if m.get("recipe") and m["recipe"] not in config.get("recipes", {}):
             fail(f"methods.{name}.recipe: unknown recipe {m['recipe']!r}")
+        variant = m.get("search_variant")
+        if variant is not None:
+            if variant not in SEARCH_VARIANTS:
+                defined = ", ".join(SEARCH_VARIANTS) or "none"
+                fail(
+                    f"methods.{name}.search_variant: unknown search variant {variant!r}; defined: {defined}"
+                )
+            if m.get("aggregation") not in SEARCHED_MODES:
+                fail(
+                    f"methods.{name}.search_variant: only a dfa method with a searched aggregation "
+                    f"({', '.join(SEARCHED_MODES)}) uses a search"
+                )
     # every job config must load in dfakd (unknown recipe/search/job keys, bad values)
     jobs = [
         teacher_job(t) for t, d in config["teachers"].items() if not d.get("checkpoint")
     ]
     for pair in config["pairs"]:
         dataset = teacher_dataset(pair["teacher"])
-        jobs.append(
-            search_job(dataset, pair["teacher"], pair["student"], SEARCH_SEEDS[0])
-        )
+        for variant in ["", *(f"{v}-" for v in SEARCH_VARIANTS)]:
+            jobs.append(
+                search_job(
+                    dataset, pair["teacher"], pair["student"], SEARCH_SEEDS[0], variant
+                )
+            )
         for method in pair.get("methods", list(config["methods"])):
             jobs.append(
                 student_job(dataset, pair["teacher"], pair["student"], method, SEEDS[0])

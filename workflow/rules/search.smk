@@ -7,26 +7,26 @@ rule search:
         data=lambda w: f"{OUT}/data/{w.dataset}.ready",
         teacher=teacher_checkpoint,
     output:
-        search=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/search.json",
-        trajectory=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alpha_trajectory.csv",
+        search=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}/search.json",
+        trajectory=f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}/alpha_trajectory.csv",
         heatmap=report(
-            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alphas.png",
+            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}/alphas.png",
             caption="../report/search.rst",
             category="Aggregation search",
             subcategory="{dataset}: {teacher} -> {student}",
-            labels={"figure": "alphas", "seed": "{sseed}"},
+            labels={"figure": "alphas", "variant": "{variant}", "seed": "{sseed}"},
         ),
         trajectory_plot=report(
-            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}/alpha_trajectory.png",
+            f"{OUT}/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}/alpha_trajectory.png",
             caption="../report/search.rst",
             category="Aggregation search",
             subcategory="{dataset}: {teacher} -> {student}",
-            labels={"figure": "trajectory", "seed": "{sseed}"},
+            labels={"figure": "trajectory", "variant": "{variant}", "seed": "{sseed}"},
         ),
     log:
-        f"{OUT}/logs/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}.log",
+        f"{OUT}/logs/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}.log",
     benchmark:
-        f"{OUT}/benchmarks/search/{{dataset}}/{{teacher}}/{{student}}/s{{sseed}}.tsv"
+        f"{OUT}/benchmarks/search/{{dataset}}/{{teacher}}/{{student}}/{{variant}}s{{sseed}}.tsv"
     conda:
         "../envs/dfakd.yaml"
     threads: resources_for("search")["threads"]
@@ -36,7 +36,9 @@ rule search:
         mem_mb=resources_for("search")["mem_mb"],
         runtime=resources_for("search")["runtime"],
     params:
-        job=lambda w: as_json(search_job(w.dataset, w.teacher, w.student, w.sseed)),
+        job=lambda w: as_json(
+            search_job(w.dataset, w.teacher, w.student, w.sseed, w.variant)
+        ),
         run_dir=lambda w, output: os.path.dirname(output.search),
         parent=PARENT_RUN_FILE,
     shell:
@@ -53,11 +55,11 @@ rule derive:
     input:
         search=derive_search_input,
     output:
-        f"{OUT}/aggregations/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.yaml",
+        f"{OUT}/aggregations/{{dataset}}/{{teacher}}/{{student}}/{{variant}}{{mode}}-s{{sseed}}.yaml",
     log:
-        f"{OUT}/logs/derive/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.log",
+        f"{OUT}/logs/derive/{{dataset}}/{{teacher}}/{{student}}/{{variant}}{{mode}}-s{{sseed}}.log",
     benchmark:
-        f"{OUT}/benchmarks/derive/{{dataset}}/{{teacher}}/{{student}}/{{mode}}-s{{sseed}}.tsv"
+        f"{OUT}/benchmarks/derive/{{dataset}}/{{teacher}}/{{student}}/{{variant}}{{mode}}-s{{sseed}}.tsv"
     conda:
         "../envs/dfakd.yaml"
     threads: 1
