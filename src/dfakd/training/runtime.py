@@ -68,6 +68,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def compile_mode(setting: bool | str) -> str | None:
+    """``runtime.compile`` as a torch.compile mode: None (off), ``default``, ``reduce-overhead`` (CUDA
+    graphs: static shapes, which the training stream gives by dropping the last incomplete batch) or
+    ``max-autotune``; ``true`` is ``default``."""
+    if setting is False:
+        return None
+    return "default" if setting is True else str(setting)
+
+
+def compiled(fn: Callable, mode: str | None) -> Callable:
+    """``fn`` under torch.compile in ``mode`` (``fn`` itself when ``mode`` is None)."""
+    return fn if mode is None else torch.compile(fn, mode=mode)
+
+
 def prepare_module(module: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
     module = module.to(device)
     return module.to(memory_format=torch.channels_last) if channels_last else module
