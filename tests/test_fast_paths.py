@@ -393,3 +393,41 @@ def test_evaluation_runs_under_inference_mode_and_restores_training(eval_model):
     )
     evaluate(model, BatchStream(split, 4, CPU, MEAN, STD, train=False))
     assert seen == [True, True, True] and model.training
+
+
+# ------------------------------------------------------------------------------- the auto precision rule
+
+
+@pytest.mark.parametrize(
+    ("probes", "fast"),
+    [
+        ({"_is_amx_tile_supported": True, "_is_avx512_bf16_supported": False}, True),
+        ({"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": True}, True),
+        ({"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": False}, False),
+        ({}, False),  # a torch without the probes: fp32
+        ({"_is_amx_tile_supported": None, "_is_avx512_bf16_supported": None}, False),  # probes that raise
+    ],
+)
+def test_auto_picks_bf16_and_channels_last_only_on_cpus_with_native_bf16(monkeypatch, probes, fast: bool):
+    import types
+
+    from dfakd.training import runtime
+
+    def probe(value):
+        def check() -> bool:
+            if value is None:
+                raise RuntimeError("cannot tell")
+            return value
+
+        return check
+
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace(**{k: probe(v) for k, v in probes.items()}))
+    cfg = copy.deepcopy(config.DEFAULTS)
+    cfg["runtime"]["device"] = "cpu"
+    assert runtime.setup(cfg) == CPU
+    assert cfg["runtime"]["precision"] == ("bf16" if fast else "fp32")
+    assert cfg["runtime"]["channels_last"] is fast
+    explicit = copy.deepcopy(config.DEFAULTS)
+    explicit["runtime"].update(device="cpu", precision="fp32", channels_last=False)
+    runtime.setup(explicit)  # an explicit setting is kept whatever the CPU
+    assert (explicit["runtime"]["precision"], explicit["runtime"]["channels_last"]) == ("fp32", False)
