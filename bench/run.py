@@ -496,13 +496,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="main table's precision; auto = the package's rule (bf16 on CUDA and native-bf16 CPUs)",
+        help="main table's precision; auto = the package's rule (bf16 on CUDA, fp32 on CPU)",
     )
     p.add_argument(
         "--channels-last",
         default="auto",
         choices=("auto", "true", "false"),
-        help="main table's memory format; auto = the package's rule (on where bf16 is)",
+        help="main table's memory format; auto = the package's rule (on for CUDA)",
     )
     p.add_argument(
         "--compile",

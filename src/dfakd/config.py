@@ -80,8 +80,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "runtime": {
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "precision": "auto",  # auto (bf16 on CUDA and native-bf16 CPUs, else fp32) | fp32 | bf16 (autocast)
-        "channels_last": "auto",  # auto (on where auto precision is bf16) | true | false
+        "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+        "channels_last": "auto",  # auto (on for CUDA) | true | false
         "compile": False,  # torch.compile the step loss: false | true (= default) | default | reduce-overhead
         # (CUDA graphs) | max-autotune; the first step's time (compile included) is reported apart
         "eval_batch_size": 512,
