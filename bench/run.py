@@ -60,7 +60,7 @@ from dfakd.methods.base import DistillMethod, match_groups
 from dfakd.methods.bridge import Searcher
 from dfakd.methods.distill import DistillStep
 from dfakd.training import loop
-from dfakd.training.runtime import autocast, prepare_module, setup
+from dfakd.training.runtime import autocast, compiled, prepare_module, setup
 from dfakd.training.schedule import sgd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,11 +290,14 @@ class Bench:
     def train_figure(self, name: str, label: str, spec: str, mode: Mode) -> Figure:
         step = self.distill_step(spec, mode)
         optimizer = sgd(step.parameters(), self.recipe)
-        loss_fn = torch.compile(step.loss) if self.args.compile else step.loss
+        loss_fn = compiled(step.loss, self.args.compile)
+        graphs = self.args.compile == "reduce-overhead"
         x, y = self.batch(0, mode)
         device = self.device
 
-        def run() -> None:  # the body of loop.fit's step loop
+        def run() -> None:  # the body of SupervisedTask.step
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, mode.precision):
                 loss, _, _ = loss_fn(x, y, 0.5)
             if not torch.isfinite(loss):
@@ -308,10 +311,12 @@ class Bench:
 
     def teacher_figure(self, mode: Mode) -> Figure:
         teacher = self.teacher(mode.channels_last)
-        forward = torch.compile(teacher.forward_features) if self.args.compile else teacher.forward_features
+        forward = compiled(teacher.forward_features, self.args.compile)
         x, _ = self.batch(0, mode)
 
         def run() -> None:
+            if self.args.compile == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(self.device, mode.precision), torch.no_grad():
                 forward(x)
 
@@ -501,8 +506,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile each training step's loss (as loop.fit does) and the teacher forward",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile each training step's loss (as runtime.compile does) and the teacher forward, "
+        "in this mode (bare --compile: default; reduce-overhead: CUDA graphs)",
     )
     p.add_argument(
         "--methods",
@@ -633,8 +642,9 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end"
     )
     mem_note = "CUDA max_memory_allocated above the step's start" if cuda else "CPU RSS rise, sampled"
+    compiled_note = f", compiled {args.compile}" if args.compile else ""
     print_table(
-        f"main table ({main_mode.name}{', compiled' if args.compile else ''}; mem: {mem_note})",
+        f"main table ({main_mode.name}{compiled_note}; mem: {mem_note})",
         main + passes,
         floor,
     )

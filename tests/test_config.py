@@ -149,6 +149,8 @@ def test_malformed_override():
         ("runtime.device=cuda:x", "runtime.device"),
         ("runtime.device=cuda:", "runtime.device"),
         ("runtime.precision=fp16", "runtime.precision"),
+        ("runtime.compile=fast", "runtime.compile"),
+        ("runtime.compile=1", "runtime.compile"),
         ("runtime.eval_batch_size=0", "runtime.eval_batch_size"),
         ("runtime.log_every=0", "runtime.log_every"),
         ("dataset.augment=mixup", "dataset.augment"),
@@ -165,6 +167,11 @@ def test_invalid_values_name_key(override: str, key: str):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
 def test_valid_devices(device: str):
     assert config.load(overrides=[f"runtime.device={device}"])["runtime"]["device"] == device
+
+
+@pytest.mark.parametrize("value", ["false", "true", "default", "reduce-overhead", "max-autotune"])
+def test_valid_compile_modes(value: str):
+    assert config.load(overrides=[f"runtime.compile={value}"])["runtime"]["compile"] == yaml.safe_load(value)
 
 
 def test_flatten_and_dump_round_trip():

@@ -226,16 +226,17 @@ def test_channels_last_training_step_keeps_the_memory_format(aggregation: str):
 def reference_batches(split: ImageSplit, stream: BatchStream, epoch: int, pad_mode: str):
     """Per image, on the CPU: pad, crop at the drawn offset, flip, normalize. Draws the same random
     numbers in the same order as ``BatchStream`` (permutation, then per batch: rows, columns, flips)."""
-    gen = epoch_generator(stream.seed, epoch, stream.stream_id)
+    dev = stream.device  # the stream draws on a generator on its device; the reference reads the draws
+    gen = epoch_generator(stream.seed, epoch, stream.stream_id, dev)
     n, bs = len(split), stream.batch_size
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=gen, device=dev).cpu()
     mean = torch.tensor(MEAN).view(3, 1, 1) * 255.0
     std = torch.tensor(STD).view(3, 1, 1) * 255.0
     for b in range(n // bs):
         idx = order[b * bs : (b + 1) * bs]
-        oy = torch.randint(0, 9, (bs,), generator=gen)
-        ox = torch.randint(0, 9, (bs,), generator=gen)
-        flip = torch.rand(bs, generator=gen) < 0.5
+        oy = torch.randint(0, 9, (bs,), generator=gen, device=dev).cpu()
+        ox = torch.randint(0, 9, (bs,), generator=gen, device=dev).cpu()
+        flip = (torch.rand(bs, generator=gen, device=dev) < 0.5).cpu()
         xs = []
         for k, i in enumerate(idx.tolist()):
             img = split.images[i]
@@ -284,6 +285,68 @@ def test_batched_pipeline_equals_per_image_reference(device, pad_mode: str, chan
             assert torch.equal(y.cpu(), ry)
 
 
+def _legacy_crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int, pad_mode: str) -> torch.Tensor:
+    """``crop_flip`` as dfakd wrote it before the draws moved to the device (CPU generator, ``.to``)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="constant" if pad_mode == "constant" else "reflect")
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    rows = oy[:, None] + torch.arange(h)
+    cols = torch.arange(w).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def _legacy_resized_crop_flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``resized_crop_flip`` before the draws moved to the device (default scale and ratio)."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = images.shape
+    area = h * w * torch.empty(n).uniform_(0.08, 1.0, generator=gen)
+    log_r = torch.empty(n).uniform_(
+        torch.log(torch.tensor(3 / 4)).item(), torch.log(torch.tensor(4 / 3)).item(), generator=gen
+    )
+    aspect = torch.exp(log_r)
+    cw = torch.sqrt(area * aspect).round().clamp(1, w)
+    ch = torch.sqrt(area / aspect).round().clamp(1, h)
+    x0 = (torch.rand(n, generator=gen) * (w - cw + 1)).floor()
+    y0 = (torch.rand(n, generator=gen) * (h - ch + 1)).floor()
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(images.float(), boxes, output_size=(h, w), sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "resized_crop_flip"])
+def test_device_drawn_stream_is_bit_identical_to_the_cpu_generator_stream_on_cpu(augment: str):
+    """On the CPU the device generator is a CPU generator: the batches of every epoch are exactly those
+    of the earlier CPU-generator code (permutation, then per batch the augmentation's draws)."""
+    gen = torch.Generator().manual_seed(7)
+    split = ImageSplit(
+        torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=gen),
+        torch.randint(0, CLASSES, (40,), generator=gen),
+        [str(c) for c in range(CLASSES)],
+    )
+    stream = BatchStream(split, 16, CPU, MEAN, STD, train=True, augment=augment, seed=11, stream_id=1)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0, torch.tensor(STD).view(1, 3, 1, 1) * 255.0
+    for epoch in (0, 3):
+        stream.set_epoch(epoch)
+        old = torch.Generator().manual_seed(11 * 1_000_003 + epoch * 7_919 + 1)  # the old epoch_generator
+        order = torch.randperm(40, generator=old)
+        for b, (x, y) in enumerate(stream):
+            idx = order[b * 16 : (b + 1) * 16]
+            images = split.images[idx]
+            if augment == "crop_flip":
+                images = _legacy_crop_flip(images, old, 4, "constant")
+            else:
+                images = _legacy_resized_crop_flip(images, old)
+            assert torch.equal(x, (images.float() - mean) / std)
+            assert torch.equal(y, split.labels[idx])
+
+
 def test_pipeline_without_channels_last_gives_contiguous_batches():
     split = ImageSplit(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), ["a"])
     stream = BatchStream(split, 4, CPU, MEAN, STD, train=True, augment="crop_flip", channels_last=False)
@@ -330,3 +393,45 @@ def test_evaluation_runs_under_inference_mode_and_restores_training(eval_model):
     )
     evaluate(model, BatchStream(split, 4, CPU, MEAN, STD, train=False))
     assert seen == [True, True, True] and model.training
+
+
+# ------------------------------------------------------------------------------- the auto precision rule
+
+
+@pytest.mark.parametrize(
+    ("probes", "native"),
+    [
+        ({"_is_amx_tile_supported": True, "_is_avx512_bf16_supported": False}, True),
+        ({"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": True}, True),
+        ({"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": False}, False),
+        ({}, False),  # a torch without the probes: no native bf16
+        ({"_is_amx_tile_supported": None, "_is_avx512_bf16_supported": None}, False),  # probes that raise
+    ],
+)
+def test_auto_stays_fp32_on_cpu_and_names_the_bf16_opt_in_where_native(monkeypatch, capsys, probes, native):
+    """``auto`` is fp32 + contiguous on every CPU (the demo parity check did not put bf16 within the seed
+    spread); a CPU with native bf16 gets one line naming the faster opt-in. The probes are guarded."""
+    import types
+
+    from dfakd.training import runtime
+
+    def probe(value):
+        def check() -> bool:
+            if value is None:
+                raise RuntimeError("cannot tell")
+            return value
+
+        return check
+
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace(**{k: probe(v) for k, v in probes.items()}))
+    assert runtime.cpu_has_native_bf16() is native
+    cfg = copy.deepcopy(config.DEFAULTS)
+    cfg["runtime"]["device"] = "cpu"
+    assert runtime.setup(cfg) == CPU
+    assert (cfg["runtime"]["precision"], cfg["runtime"]["channels_last"]) == ("fp32", False)
+    assert ("runtime.precision=bf16" in capsys.readouterr().err) is native
+    explicit = copy.deepcopy(config.DEFAULTS)
+    explicit["runtime"].update(device="cpu", precision="bf16", channels_last=True)
+    runtime.setup(explicit)  # an explicit setting is kept, and needs no hint
+    assert (explicit["runtime"]["precision"], explicit["runtime"]["channels_last"]) == ("bf16", True)
+    assert "runtime.precision=bf16" not in capsys.readouterr().err

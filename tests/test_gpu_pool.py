@@ -24,9 +24,11 @@ def _start(env, hold_s):
     )
 
 
-def _env(tmp_path, pool, visible=None):
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+def _env(tmp_path, pool, visible=None, slots=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DFAKD_GPU_SLOTS")}
     env.update(DFAKD_GPU_POOL=str(pool), DFAKD_GPU_LOCK_DIR=str(tmp_path / "locks"))
+    if slots is not None:
+        env["DFAKD_GPU_SLOTS"] = str(slots)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     return env
@@ -44,6 +46,29 @@ def test_parallel_jobs_get_distinct_gpus_and_a_third_waits(tmp_path):
     assert "busy; waiting" in err and out.split()[1] in {"0", "1"}
     for p in (first, second):
         p.wait(timeout=30)
+
+
+def test_k_slots_put_k_jobs_on_one_gpu_and_the_next_waits(tmp_path):
+    env = _env(tmp_path, 1, slots=3)
+    holders = [_start(env, 6) for _ in range(3)]
+    assert [h.stdout.readline().split()[1] for h in holders] == ["0", "0", "0"]
+    assert {p.name for p in (tmp_path / "locks").iterdir()} == {f"gpu0.slot{k}.lock" for k in range(3)}
+    t0 = time.monotonic()
+    fourth = _start(env, 0)
+    out, err = fourth.communicate(timeout=60)
+    assert time.monotonic() - t0 > 2, "the (K+1)-th job must wait for a slot to be released"
+    assert "3 GPU slots of the pool are busy; waiting" in err and out.split()[1] == "0"
+    for h in holders:
+        h.wait(timeout=30)
+
+
+def test_slots_spread_jobs_over_the_gpus_first(tmp_path):
+    env = _env(tmp_path, 2, slots=2)
+    holders = [_start(env, 4) for _ in range(4)]
+    ids = sorted(h.stdout.readline().split()[1] for h in holders)
+    assert ids == ["0", "0", "1", "1"]  # two jobs per GPU
+    for h in holders:
+        h.wait(timeout=30)
 
 
 def test_a_killed_job_releases_its_gpu(tmp_path):

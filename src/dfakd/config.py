@@ -82,7 +82,8 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
         "channels_last": "auto",  # auto (on for CUDA) | true | false
-        "compile": False,  # torch.compile the student (and teacher); compile time is reported separately
+        "compile": False,  # torch.compile the step loss: false | true (= default) | default | reduce-overhead
+        # (CUDA graphs) | max-autotune; the first step's time (compile included) is reported apart
         "eval_batch_size": 512,
         "log_every": 50,  # steps between one-line progress messages when not on a terminal
         "deterministic": False,  # torch.use_deterministic_algorithms
@@ -119,7 +120,12 @@ _NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
 
 
 # keys whose value may be of either type
-_UNION_TYPES: dict[str, tuple[type, ...]] = {"runtime.channels_last": (bool, str)}
+_UNION_TYPES: dict[str, tuple[type, ...]] = {
+    "runtime.channels_last": (bool, str),
+    "runtime.compile": (bool, str),
+}
+#: the values of ``runtime.compile``: off, on (torch.compile's default mode) or a torch.compile mode
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -318,6 +324,12 @@ def validate(cfg: dict[str, Any]) -> None:
         cfg["runtime"]["channels_last"] in (True, False, "auto"),
         "runtime.channels_last",
         f"must be true, false or auto; got {cfg['runtime']['channels_last']!r}",
+    )
+    compile_mode = cfg["runtime"]["compile"]
+    _require(
+        any(compile_mode is m or (isinstance(m, str) and compile_mode == m) for m in COMPILE_MODES),
+        "runtime.compile",
+        f"must be false, true, default, reduce-overhead or max-autotune; got {compile_mode!r}",
     )
     device = cfg["runtime"]["device"]
     _require(

@@ -91,8 +91,10 @@ def tracking_section():
 
 # What does not change a job's result stays out of its params, so that changing it reruns nothing: the
 # thread count reaches a job through {threads}, its GPU count through {resources.gpu}, the local GPU
-# pool through {resources.gpu_pool}, the MLflow store through the parent run file.
+# pool through {resources.gpu_pool} and {resources.gpu_slots} (jobs per GPU), the MLflow store through the
+# parent run file. Snakemake's `--resources gpu=N*K` caps how many GPU jobs run at once.
 LOCAL_GPUS = config.get("local_gpus", 0)
+LOCAL_GPU_SLOTS = config.get("local_gpu_slots", 1)
 
 
 def job_config(dataset, model, recipe=None, seed=0, extra=None):

@@ -33,6 +33,7 @@ rule search:
     resources:
         gpu=resources_for("search")["gpu"],
         gpu_pool=LOCAL_GPUS,
+        gpu_slots=LOCAL_GPU_SLOTS,
         mem_mb=resources_for("search")["mem_mb"],
         runtime=resources_for("search")["runtime"],
     params:
@@ -42,7 +43,7 @@ rule search:
         run_dir=lambda w, output: os.path.dirname(output.search),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --set teacher.checkpoint={input.teacher:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --set teacher.checkpoint={input.teacher:q} "
         "-o {params.run_dir:q} > {log:q} 2>&1"
 
 

@@ -20,6 +20,7 @@ rule distill:
     resources:
         gpu=resources_for("distill")["gpu"],
         gpu_pool=LOCAL_GPUS,
+        gpu_slots=LOCAL_GPU_SLOTS,
         mem_mb=resources_for("distill")["mem_mb"],
         runtime=resources_for("distill")["runtime"],
     params:
@@ -30,7 +31,7 @@ rule distill:
         aggregation=lambda w, input: option("--aggregation", input.aggregation),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --teacher {input.teacher:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --teacher {input.teacher:q} "
         "{params.aggregation:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
@@ -50,10 +51,11 @@ rule evaluate_student:
     resources:
         gpu=resources_for("evaluate")["gpu"],
         gpu_pool=LOCAL_GPUS,
+        gpu_slots=LOCAL_GPU_SLOTS,
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
         job=lambda w: as_json(job_config(w.dataset, w.student)),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
         "> {log:q} 2>&1"

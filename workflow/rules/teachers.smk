@@ -18,6 +18,7 @@ rule train_teacher:
     resources:
         gpu=resources_for("train")["gpu"],
         gpu_pool=LOCAL_GPUS,
+        gpu_slots=LOCAL_GPU_SLOTS,
         mem_mb=resources_for("train")["mem_mb"],
         runtime=resources_for("train")["runtime"],
     params:
@@ -25,7 +26,7 @@ rule train_teacher:
         run_dir=lambda w, output: os.path.dirname(output.best),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} -o {params.run_dir:q} > {log:q} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule import_teacher:
@@ -70,10 +71,11 @@ rule evaluate_teacher:
     resources:
         gpu=resources_for("evaluate")["gpu"],
         gpu_pool=LOCAL_GPUS,
+        gpu_slots=LOCAL_GPU_SLOTS,
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
         job=lambda w: as_json(job_config(w.dataset, teacher_def(w.teacher)["arch"])),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
         "> {log:q} 2>&1"

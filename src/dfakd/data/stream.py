@@ -2,7 +2,10 @@
 
 The uint8 images can live on the training device (the device-resident pipeline); crops, flips and
 normalization then run there in batch, with no DataLoader workers. Shuffling and augmentation draw from
-a generator seeded by ``(seed, epoch)``, so a resumed epoch sees exactly the batches it would have seen.
+a generator seeded by ``(seed, epoch, stream)``, so a resumed epoch sees exactly the batches it would have
+seen. The generator lives on the stream's device: the permutation, crop offsets and flips are drawn where
+the images are, with no host-device copy and no wait for the GPU in a training step (on the CPU it is the
+CPU generator of earlier versions: the same numbers).
 """
 
 from __future__ import annotations
@@ -17,25 +20,30 @@ from dfakd.data.datasets import ImageSplit
 AUGMENTATIONS = ("crop_flip", "crop", "resized_crop_flip", "none")
 
 
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7_919 + stream)
+def epoch_generator(
+    seed: int, epoch: int, stream: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The generator of one epoch of one stream, on ``device`` (where the stream's images live)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 7_919 + stream)
 
 
 def crop_flip(
     images: torch.Tensor, gen: torch.Generator, pad: int = 4, pad_mode: str = "constant", flip: bool = True
 ) -> torch.Tensor:
-    """Random ``pad``-pixel-padded crop back to the input size, and (``flip``) a random horizontal flip.
-    Without ``flip`` the same random numbers are drawn, and the mirror is not applied."""
+    """Random ``pad``-pixel-padded crop back to the input size, and (``flip``) a random horizontal flip,
+    drawn on ``gen``, which lives on the images' device. Without ``flip`` the same random numbers are
+    drawn, and the mirror is not applied."""
     n, _, h, w = images.shape
+    dev = images.device
     mode = "constant" if pad_mode == "constant" else "reflect"
     padded = F.pad(images, (pad, pad, pad, pad), mode=mode)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
-    mirror = (torch.rand(n, generator=gen) < (0.5 if flip else 0.0)).to(images.device)
-    rows = oy[:, None] + torch.arange(h, device=images.device)
-    cols = torch.arange(w, device=images.device).expand(n, w)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    mirror = torch.rand(n, generator=gen, device=dev) < (0.5 if flip else 0.0)
+    rows = oy[:, None] + torch.arange(h, device=dev)
+    cols = torch.arange(w, device=dev).expand(n, w)
     cols = torch.where(mirror[:, None], cols.flip(1), cols) + ox[:, None]
-    batch = torch.arange(n, device=images.device)[:, None, None]
+    batch = torch.arange(n, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)
 
@@ -50,24 +58,23 @@ def resized_crop_flip(
 
     Differences from torchvision, for speed: one draw per image with the crop clamped to the image
     (instead of up to 10 retries and a centre-crop fallback), and ``roi_align`` resampling (bilinear, 2x2
-    samples averaged per output pixel) instead of a single bilinear sample."""
+    samples averaged per output pixel) instead of a single bilinear sample. Drawn on ``gen``, which lives on
+    the images' device."""
     from torchvision.ops import roi_align
 
     n, _, h, w = images.shape
-    area = h * w * torch.empty(n).uniform_(*scale, generator=gen)
-    log_r = torch.empty(n).uniform_(
-        torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item(), generator=gen
-    )
-    aspect = torch.exp(log_r)
+    dev = images.device
+    area = h * w * torch.empty(n, device=dev).uniform_(*scale, generator=gen)
+    # the bounds as float32 logs, computed on the host (no device tensor is read back)
+    low, high = (float(torch.log(torch.tensor(r))) for r in ratio)
+    aspect = torch.exp(torch.empty(n, device=dev).uniform_(low, high, generator=gen))
     cw = torch.sqrt(area * aspect).round().clamp(1, w)
     ch = torch.sqrt(area / aspect).round().clamp(1, h)
-    x0 = (torch.rand(n, generator=gen) * (w - cw + 1)).floor()
-    y0 = (torch.rand(n, generator=gen) * (h - ch + 1)).floor()
-    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
-    out = roi_align(
-        images.float(), boxes.to(images.device), output_size=(h, w), sampling_ratio=2, aligned=True
-    )
-    flip = (torch.rand(n, generator=gen) < 0.5).to(images.device)
+    x0 = (torch.rand(n, generator=gen, device=dev) * (w - cw + 1)).floor()
+    y0 = (torch.rand(n, generator=gen, device=dev) * (h - ch + 1)).floor()
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32, device=dev), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(images.float(), boxes, output_size=(h, w), sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -114,9 +121,9 @@ class BatchStream:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = epoch_generator(self.seed, self.epoch, self.stream_id)
+        gen = epoch_generator(self.seed, self.epoch, self.stream_id, self.images.device)
         n = len(self.labels)
-        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        order = torch.randperm(n, generator=gen, device=self.images.device) if self.train else None
         for b in range(len(self)):
             index = slice(b * self.batch_size, min(n, (b + 1) * self.batch_size))
             idx = order[index] if order is not None else None

@@ -290,6 +290,27 @@ def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def run_step(
+    task: EpochTask,
+    watch: FiniteWatch,
+    sums: dict[str, torch.Tensor],
+    progress: Progress,
+    epoch: int,
+    step: int,
+    steps: int,
+    batch: Any,
+) -> dict[str, torch.Tensor]:
+    """One step of the loop: the task's step, the deferred finiteness check, the epoch's sums (on the
+    device) and progress output (which reads the terms back only when it prints a line). Nothing here
+    waits for the GPU, except a finiteness check every ``watch.every`` steps."""
+    terms = task.step(epoch, step, steps, batch)
+    watch.observe(epoch, step, terms)
+    for name, value in terms.items():
+        sums[name] = sums[name] + value if name in sums else value.clone()
+    progress.update(step, lambda: "  ".join(f"{k} {float(v):.4f}" for k, v in terms.items()))
+    return terms
+
+
 def run_epochs(
     run: RunFolder,
     task: EpochTask,
@@ -342,11 +363,7 @@ def run_epochs(
             for step, batch in enumerate(batches):
                 if step < skip:
                     continue  # trained before the interruption; drawn again to keep random streams aligned
-                terms = task.step(epoch, step, steps, batch)
-                watch.observe(epoch, step, terms)
-                for name, value in terms.items():
-                    sums[name] = sums[name] + value if name in sums else value.clone()
-                progress.update(step, lambda t=terms: "  ".join(f"{k} {float(v):.4f}" for k, v in t.items()))
+                run_step(task, watch, sums, progress, epoch, step, steps, batch)
                 if stop.requested and step + 1 < steps:
                     watch.check()
                     partial = {"sums": sums, "time": elapsed + time.perf_counter() - t0}

@@ -8,6 +8,7 @@ layout), ``metrics.csv`` (one row per epoch) and the figures :meth:`SupervisedTa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 from dfakd.data import BatchStream
 from dfakd.files import atomic_save
 from dfakd.training.loop import evaluate
-from dfakd.training.runtime import autocast, log
+from dfakd.training.runtime import autocast, compile_mode, compiled, log
 from dfakd.training.schedule import lr_at, set_lr, sgd
 
 #: (x, y, fractional epoch) -> (total loss, student logits, named loss terms for logging)
@@ -46,7 +47,10 @@ class SupervisedTask:
         self.precision = cfg["runtime"]["precision"]
         self.epochs = self.recipe["epochs"]
         self.trainable, self.student = trainable, student
-        self.step_loss = torch.compile(step_loss) if cfg["runtime"]["compile"] else step_loss
+        self.compile_mode = compile_mode(cfg["runtime"]["compile"])
+        self.step_loss = compiled(step_loss, self.compile_mode)
+        #: the first step's wall time when compiled (compilation included), kept across a resume
+        self.compile_time_s: float | None = None
         self.train_stream, self.test_stream = train_stream, test_stream
         self.device = device
         self.optimizer = sgd(trainable.parameters(), self.recipe, device)
@@ -60,6 +64,7 @@ class SupervisedTask:
             "best_acc": self.best_acc,
             "best_epoch": self.best_epoch,
             "best_model": self.best_model,
+            "compile_time_s": self.compile_time_s,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -70,6 +75,7 @@ class SupervisedTask:
             state["best_epoch"],
             state["best_model"],
         )
+        self.compile_time_s = state.get("compile_time_s")
 
     def batches(self, epoch: int) -> BatchStream:
         self.lr = lr_at(epoch, self.recipe)
@@ -80,13 +86,28 @@ class SupervisedTask:
 
     def step(self, epoch: int, step: int, steps: int, batch) -> dict[str, torch.Tensor]:
         x, y = batch
+        first = self.compile_mode is not None and self.compile_time_s is None
+        t0 = time.perf_counter()
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         with autocast(self.device, self.precision):
             loss, logits, parts = self.step_loss(x, y, epoch + step / steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         acc1 = (logits.detach().argmax(1) == y).float().mean() * 100.0
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}, "acc1": acc1}
+        terms = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+        if self.compile_mode == "reduce-overhead":  # CUDA-graph outputs are overwritten by the next replay
+            terms = {k: v.clone() for k, v in terms.items()}
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once, to time the compilation
+            self.compile_time_s = time.perf_counter() - t0
+            log(
+                f"first step (torch.compile mode {self.compile_mode}, compilation included): "
+                f"{self.compile_time_s:.1f}s"
+            )
+        return {**terms, "acc1": acc1}
 
     def end_epoch(self, epoch: int, means: dict[str, float], epoch_time: float) -> dict[str, float]:
         test = evaluate(self.student, self.test_stream, self.precision)
@@ -137,4 +158,5 @@ class SupervisedTask:
             "last_loss": last["test_loss"],
             "mean_last5_acc1": sum(accs[-5:]) / len(accs[-5:]),
             "train_wall_s": sum(h["epoch_time_s"] for h in history),
+            "compile_time_s": self.compile_time_s,  # the first step with runtime.compile (null without)
         }
