@@ -23,7 +23,7 @@ from dfakd.files import (
 from dfakd.models.state import extract_state_dict, load_state_strict
 from dfakd.tracking import Tracker
 from dfakd.training.loop import RunFolder, open_run, run_epochs
-from dfakd.training.runtime import log, prepare_module
+from dfakd.training.runtime import bf16_hint, log, prepare_module
 from dfakd.training.supervised import SupervisedTask
 
 #: the config sections that decide each stage's result (its settings: fingerprinted, logged as params)
@@ -95,6 +95,9 @@ def open_job(
     run. Called once every input has been checked, so that a bad input leaves nothing behind."""
     run.path.mkdir(parents=True, exist_ok=True)
     set_aside = run.begin()
+    hint = bf16_hint(cfg["runtime"], device)
+    if hint:
+        log(hint)
     atomic_write_text(run.path / "config.yaml", config_mod.dump(cfg))
     atomic_write_json(run.path / "settings.json", json.loads(json.dumps(run.settings, default=str)))
     for name, source in (inputs or {}).items():
