@@ -95,7 +95,8 @@ class DistillMethod(nn.Module):
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
                 kind = "a number" if isinstance(default, float) else "an integer"
                 raise DfakdError(
-                    f"option '{key}' of method '{cls.name}' ({where}.{key}) must be {kind}, got {value!r}"
+                    f"option '{key}' of method '{cls.name}' (config key '{where}.{key}') must be {kind}, "
+                    f"got {value!r}"
                 )
         resolved = {**cls.DEFAULTS, **options}
         for key, (low, inclusive) in cls.BOUNDS.items():
