@@ -24,7 +24,8 @@ from dfakd.files import atomic_write_text
 
 FIELDS = [
     "dataset", "teacher", "student", "method", "seeds", "best_mean", "best_std", "last_mean", "last_std",
-    "teacher_top1", "vanilla_best_mean", "gain_vs_vanilla", "gain_vs_kd",
+    "teacher_top1", "vanilla_best_mean", "gain_vs_vanilla", "gain_vs_kd", "paired_vs_ofd_mean",
+    "paired_vs_ofd_std", "paired_vs_ofd_seeds",
 ]  # fmt: skip
 
 
@@ -91,6 +92,7 @@ def collect(student_results: list[Path], teacher_results: dict[str, Path]) -> li
             "seeds": len(results), "best_mean": best[0], "best_std": best[1], "last_mean": last[0],
             "last_std": last[1], "teacher_top1": teacher_top1.get(f"{dataset}/{teacher}"),
             "_kind": results[0].get("method", method), "_best_values": [r["best_acc1"] for r in results],
+            "_best_by_seed": {r.get("seed"): r["best_acc1"] for r in results},
         })  # fmt: skip
     by_pair: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -98,13 +100,36 @@ def collect(student_results: list[Path], teacher_results: dict[str, Path]) -> li
     for pair_rows in by_pair.values():
         vanilla = next((r for r in pair_rows if r["_kind"] == "vanilla"), None)
         kd = next((r for r in pair_rows if r["_kind"] == "kd"), None)
+        ofd = next((r for r in pair_rows if r["_kind"] == "ofd"), None)
         for row in pair_rows:
             row["vanilla_best_mean"] = vanilla["best_mean"] if vanilla else None
             row["gain_vs_vanilla"] = row["best_mean"] - vanilla["best_mean"] if vanilla else None
             row["gain_vs_kd"] = row["best_mean"] - kd["best_mean"] if kd else None
+            row.update(paired_difference(row, ofd))
     for row in rows:
-        del row["_kind"]
+        del row["_kind"], row["_best_by_seed"]
     return rows
+
+
+def paired_difference(row: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Best-epoch top-1 minus the reference method's on the same seeds (a paired comparison: a seed
+    fixes the student's init and data order for both), mean +- std over the seeds both ran."""
+    empty = {"paired_vs_ofd_mean": None, "paired_vs_ofd_std": None, "paired_vs_ofd_seeds": None}
+    if reference is None or reference is row:
+        return empty
+    mine, theirs = row["_best_by_seed"], reference["_best_by_seed"]
+    diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs), key=str)]
+    if not diffs:
+        return empty
+    mean, std = _mean_std(diffs)
+    return {"paired_vs_ofd_mean": mean, "paired_vs_ofd_std": std, "paired_vs_ofd_seeds": len(diffs)}
+
+
+def _paired(row: dict[str, Any], plus_minus: str = "+-") -> str:
+    if row["paired_vs_ofd_mean"] is None:
+        return "–"
+    mean, std, n = row["paired_vs_ofd_mean"], row["paired_vs_ofd_std"], row["paired_vs_ofd_seeds"]
+    return f"{mean:+.2f} {plus_minus} {std:.2f} ({n})"
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -132,7 +157,13 @@ def write_markdown(
     rows: list[dict[str, Any]], published: dict[str, dict[str, float]], path: Path, title: str
 ) -> None:
     """``published``: ``'<dataset>/<teacher>/<student>'`` -> ``{column: value}`` from the config."""
-    lines = [f"# {title}", "", "Top-1 accuracy (%) on the test split; mean +- std over seeds.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        "Top-1 accuracy (%) on the test split; mean +- std over seeds. "
+        "'vs OFD, paired': a method's top-1 minus OFD's on the same seeds, mean +- std.",
+        "",
+    ]
     by_pair: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         by_pair[(row["dataset"], row["teacher"], row["student"])].append(row)
@@ -144,14 +175,15 @@ def write_markdown(
             f"Teacher: {_fmt(teacher_top1)}. "
             f"Vanilla student (best epoch): {_fmt(pair_rows[0]['vanilla_best_mean'])}.",
             "",
-            "| method | seeds | best epoch | last epoch | gain vs vanilla | gain vs KD |",
-            "|---|---|---|---|---|---|",
+            "| method | seeds | best epoch | last epoch | gain vs vanilla | gain vs KD "
+            "| vs OFD, paired (seeds) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in pair_rows:
             lines.append(
                 f"| {r['method']} | {r['seeds']} | {r['best_mean']:.2f} +- {r['best_std']:.2f} | "
                 f"{r['last_mean']:.2f} +- {r['last_std']:.2f} | {_fmt(r['gain_vs_vanilla'], True)} | "
-                f"{_fmt(r['gain_vs_kd'], True)} |"
+                f"{_fmt(r['gain_vs_kd'], True)} | {_paired(r)} |"
             )
         ref = published.get(f"{dataset}/{teacher}/{student}")
         if ref:
@@ -199,14 +231,15 @@ def write_html(
             f"<p>Teacher: {_fmt(first['teacher_top1'])}. Vanilla student (best epoch): "
             f"{_fmt(first['vanilla_best_mean'])}.</p>",
             "<table><tr><th>method</th><th>seeds</th><th>best epoch</th><th>last epoch</th>"
-            "<th>gain vs vanilla</th><th>gain vs KD</th></tr>",
+            "<th>gain vs vanilla</th><th>gain vs KD</th><th>vs OFD, paired (seeds)</th></tr>",
         ]
         for r in pair_rows:
             out.append(
                 f"<tr><td>{e(r['method'])}</td><td>{r['seeds']}</td>"
                 f"<td>{r['best_mean']:.2f} &plusmn; {r['best_std']:.2f}</td>"
                 f"<td>{r['last_mean']:.2f} &plusmn; {r['last_std']:.2f}</td>"
-                f"<td>{_fmt(r['gain_vs_vanilla'], True)}</td><td>{_fmt(r['gain_vs_kd'], True)}</td></tr>"
+                f"<td>{_fmt(r['gain_vs_vanilla'], True)}</td><td>{_fmt(r['gain_vs_kd'], True)}</td>"
+                f"<td>{_paired(r, '&plusmn;')}</td></tr>"
             )
         out.append("</table>")
         ref = published.get(f"{dataset}/{teacher}/{student}")

@@ -1,0 +1,43 @@
+"""The summary table's paired comparison against OFD: per seed, then mean +- std over the shared seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dfakd import summary
+
+
+def _result(base: Path, method: str, kind: str, seed: int, best: float) -> Path:
+    path = base / "students" / "ds" / "t" / "s" / method / f"s{seed}" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"best_acc1": best, "last_acc1": best, "seed": seed, "method": kind}))
+    return path
+
+
+def test_paired_difference_against_ofd_uses_the_same_seeds(tmp_path: Path) -> None:
+    paths = [
+        _result(tmp_path, "ofd", "ofd", 0, 80.0),
+        _result(tmp_path, "ofd", "ofd", 1, 82.0),
+        _result(tmp_path, "ofd", "ofd", 2, 90.0),  # a seed the DFA variant lacks: not compared
+        _result(tmp_path, "dfa_average", "dfa", 0, 81.0),
+        _result(tmp_path, "dfa_average", "dfa", 1, 81.5),
+        _result(tmp_path, "vanilla", "vanilla", 0, 70.0),
+    ]
+    rows = {
+        r["method"]: r for r in summary.summarize(paths, {}, {}, tmp_path / "s.csv", tmp_path / "s.md", "t")
+    }
+    dfa = rows["dfa_average"]
+    assert dfa["paired_vs_ofd_seeds"] == 2
+    assert dfa["paired_vs_ofd_mean"] == pytest.approx(0.25)  # (+1.0 and -0.5) / 2
+    assert dfa["paired_vs_ofd_std"] == pytest.approx(1.0607, abs=1e-4)
+    assert rows["ofd"]["paired_vs_ofd_mean"] is None  # OFD against itself: nothing
+    assert (
+        rows["vanilla"]["paired_vs_ofd_mean"] == pytest.approx(-10.0)
+        and rows["vanilla"]["paired_vs_ofd_std"] == 0
+    )
+    assert "| dfa_average | 2 |" in (tmp_path / "s.md").read_text()
+    assert "+0.25 +- 1.06 (2)" in (tmp_path / "s.md").read_text()
+    assert "paired_vs_ofd_mean" in (tmp_path / "s.csv").read_text().splitlines()[0]
