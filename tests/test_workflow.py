@@ -248,7 +248,7 @@ def test_paper_dfa_t_reads_the_cifar100_search(tmp_path: Path) -> None:
     assert all("--aggregation " in line and "/aggregations/cifar100/" in line for line in dfa_t)
     assert all('"name": "cinic10"' in line for line in dfa_t)
     assert {w for w in planned_wildcards(text, "search") if "dataset=cifar100" in w} == {
-        f"dataset=cifar100, teacher={t}, student={s}, sseed=0"
+        f"dataset=cifar100, teacher={t}, student={s}, variant=, sseed=0"  # the default search
         for t, s in [
             ("shufflev2_2.0_c100", "ShuffleV2_1.0"),
             ("shufflev2_2.0_c100", "ShuffleV2_0.5"),
