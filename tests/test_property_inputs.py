@@ -175,7 +175,11 @@ VERBS = {
     "evaluate": lambda c: ["evaluate", "-c", c, "--checkpoint", "{teacher}", "-o", "{results}/eval.json"],
     "derive": lambda c: ["derive", "-c", c, "--mode", "average", "-o", "{results}/agg.yaml"],
 }
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI runs the same examples every time (a failure reproduces); raise max_examples or drop
+# derandomize locally to explore further
+PROPERTY = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @PROPERTY
@@ -211,7 +215,7 @@ def test_mutated_search_documents(world: World, data: st.DataObject) -> None:
     _run(world, ["derive", "-c", cfg, "--mode", mode, "--search", search, "-o", "{results}/agg.yaml"])
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_workflow_configs_stop_the_plan_in_words(data: st.DataObject, tmp_path_factory) -> None:
     """A dry run of a mutated workflow config either plans or stops with a config/schema error."""
