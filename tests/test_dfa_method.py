@@ -331,6 +331,40 @@ def test_search_loop_beta_step_changes_no_weight_and_weight_step_no_beta(tmp_pat
     assert moved == {0, 1, 2}
 
 
+@pytest.mark.slow
+def test_search_warmup_steps_the_weights_only_then_searches_as_usual(tmp_path: Path):
+    """`search.warmup_epochs` (ours): the first epochs step the weights alone, the betas stay at zero
+    (uniform alphas); then the phases run as without the warm-up, and the cosine lr spans all epochs."""
+    root = write_separable_folder(tmp_path / "imgs", n_train=8, n_test=2)
+    teacher_ckpt = save_teacher(tmp_path / "teacher.pt", num_classes=3)
+    cfg = job_config(root, tmp_path, teacher_ckpt, search={"epochs": 1, "batch_size": 4, "warmup_epochs": 2})
+    cfg = config.load([write_config(tmp_path / "cfg.yaml", cfg)])
+    events: list[tuple[str, float]] = []
+
+    def post_step(optimizer, args, kwargs):
+        kind = "beta" if isinstance(optimizer, torch.optim.Adam) else "weight"
+        events.append((kind, optimizer.param_groups[0]["lr"]))
+
+    handle = register_optimizer_step_post_hook(post_step)
+    try:
+        result = search_job(cfg, tmp_path / "run")
+    finally:
+        handle.remove()
+    # 3 steps per epoch: 2 warm-up epochs of weight steps, then 3 groupwise phases of beta + weight
+    assert [kind for kind, _ in events] == ["weight"] * 6 + ["beta", "weight"] * 9
+    weight_lrs = [lr for kind, lr in events if kind == "weight"]
+    assert weight_lrs == sorted(weight_lrs, reverse=True) and weight_lrs[0] == cfg["search"]["w_lr"]
+    assert all(any(abs(b) > 0 for b in g["beta"]) for g in result["groups"])
+    rows = (tmp_path / "run" / "search_metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5  # header, 2 warm-up epochs, 3 phases
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(","), strict=True))
+    # the warm-up's first epoch: the alphas of every group are still uniform (3 candidates each)
+    alphas = [float(v) for k, v in first.items() if k.startswith("alpha.")]
+    assert alphas and all(abs(a - 1 / 3) < 1e-6 for a in alphas[:3])
+    assert float(first["beta_loss"]) > 0  # measured on the beta half, not stepped
+
+
 # ------------------------------------------------------------------ 3. dfa with `last` == ofd
 
 
@@ -535,6 +569,19 @@ def test_fixed_modes():
     for g in [*a.groups, *c.groups]:
         assert list(g.layers) == T_LAYERS[g.spatial] and all(w > 0 for w in g.layers.values())
         assert sum(g.layers.values()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("mixed", [32, 16, 8])
+def test_the_stage2_gap_aggregations_average_one_group_of_resnet20_and_keep_last_elsewhere(mixed: int):
+    path = Path(__file__).parents[1] / f"config/experiments/aggregations/resnet20-average-at-{mixed}px.yaml"
+    agg = aggregation.load(path)
+    teacher, student = models.build("resnet20", 10), models.build("resnet8", 10)
+    pairs = match_groups(teacher, student)
+    aggregation.check_against(agg, "resnet20", teacher, pairs, str(path))
+    for p in pairs:
+        weights = agg.weight_vector(p.teacher.names, p.spatial).tolist()
+        expected = [1 / 3] * 3 if p.spatial == mixed else [0.0, 0.0, 1.0]
+        assert weights == pytest.approx(expected)
 
 
 @pytest.fixture

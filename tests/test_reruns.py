@@ -184,3 +184,17 @@ def test_an_empty_result_file_is_one_line_and_retrain_sets_it_aside(tmp_path: Pa
     assert retrained.returncode == 0, retrained.stderr
     (old,) = (run / "superseded").iterdir()
     assert (old / "result.json").read_text() == ""
+
+
+def test_a_key_added_later_keeps_earlier_results_valid_at_its_neutral_value(tmp_path: Path, images) -> None:
+    """`search.warmup_epochs` came after searches had been run: at 0 (what they computed) it stays out of
+    the settings, so their fingerprints still match; at any other value it is a setting like any other."""
+    from dfakd import config
+    from dfakd.jobs.common import ADDED_NEUTRAL, stage_settings
+
+    cfg = config.load([write_config(tmp_path / "cfg.yaml", tiny_config(images.root, tmp_path / "results"))])
+    assert cfg["search"]["warmup_epochs"] == ADDED_NEUTRAL["search.warmup_epochs"] == 0
+    neutral = stage_settings(cfg, "search")
+    assert "search.warmup_epochs" not in neutral and "search.epochs" in neutral
+    cfg["search"]["warmup_epochs"] = 2
+    assert stage_settings(cfg, "search") == {**neutral, "search.warmup_epochs": 2}

@@ -227,13 +227,17 @@ def test_search_variants_are_searches_of_their_own(tmp_path: Path) -> None:
     files, cfg = _paper("config/experiments/ablation.yaml")(tmp_path)
     _, text = dry_run(*files)
     searches = planned_wildcards(text, "search")
-    per_pair = len(cfg["search_seeds"]) * 3  # the default search, mse_st and joint
+    variants = set(cfg["search_variants"])
+    assert variants == {"mse_st", "joint", "warmup", "long", "ts_heavy", "st_heavy"}
+    per_pair = len(cfg["search_seeds"]) * (1 + len(variants))  # the default search and each variant
     assert len(searches) == len(cfg["pairs"]) * per_pair
     assert sum("variant=mse_st-," in w for w in searches) == len(cfg["pairs"]) * len(cfg["search_seeds"])
     blocks = re.findall(r"^rule search:\n(.*?)(?:\n\n|\Z)", text, re.S | re.M)
     mse = [b for b in blocks if "/mse_st-s0/" in b]
     assert mse and all('"st_distance": "mse"' in b for b in mse)
     assert all('"schedule": "joint"' in b for b in blocks if "/joint-s1/" in b)
+    assert all('"warmup_epochs": 4' in b for b in blocks if "/warmup-s2/" in b)
+    assert all('"gamma_st": 0.25' in b and '"gamma_ts"' not in b for b in blocks if "/ts_heavy-s0/" in b)
     default = [b for b in blocks if re.search(r"/resnet8/s0/search.json", b)]
     assert default and not any('"st_distance"' in b for b in default)
 

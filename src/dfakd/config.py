@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "search": {  # stage 1 (METHOD.md section 2); DARTS defaults
         "schedule": "groupwise",  # groupwise (one group at a time, in order) | joint (all groups at once)
         "epochs": 10,  # epochs over the weight half per phase (groupwise: one phase per group)
+        "warmup_epochs": 0,  # [ours] epochs of student-only training (CE, no beta step) before the search
         "batch_size": 64,
         "w_lr": 0.025,  # student + connectors: SGD, cosine to w_lr_min
         "w_lr_min": 0.001,
@@ -241,6 +242,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "recipe.gamma": (0, False, None, False),
     "recipe.warmup_epochs": (0, True, None, False),
     "search.epochs": (1, True, None, False),
+    "search.warmup_epochs": (0, True, None, False),
     "search.batch_size": (1, True, None, False),
     "search.record_every": (1, True, None, False),
     "search.w_lr": (0, False, None, False),

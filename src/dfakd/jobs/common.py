@@ -38,6 +38,9 @@ OPERATIONAL = {
     "runtime.compile", "runtime.deterministic", "runtime.channels_last", "runtime.finite_check_every",
     "teacher.checkpoint", "distill.aggregation", "distill.options",
 }  # fmt: skip
+#: keys added after results were first written, at the value that computes what those results computed
+#: without the key: at that value they stay out of the settings, so the earlier results stay valid
+ADDED_NEUTRAL = {"search.warmup_epochs": 0}
 
 
 def sha256_of(path: str | Path) -> str:
@@ -50,11 +53,14 @@ def sha256_of(path: str | Path) -> str:
 
 def stage_settings(cfg: dict[str, Any], stage: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat settings that decide a ``stage`` job's result: its sections of the resolved config without
-    operational keys, plus ``extra`` (content digests of input files instead of their paths, resolved
+    operational keys (nor keys of ``ADDED_NEUTRAL`` at their neutral value), plus ``extra`` (content digests of input files instead of their paths, resolved
     method options)."""
     flat = config_mod.flatten({key: cfg[key] for key in STAGE_SECTIONS[stage]})
     settings = {
-        k: v for k, v in flat.items() if not any(k == op or k.startswith(f"{op}.") for op in OPERATIONAL)
+        k: v
+        for k, v in flat.items()
+        if not any(k == op or k.startswith(f"{op}.") for op in OPERATIONAL)
+        and not (k in ADDED_NEUTRAL and v == ADDED_NEUTRAL[k])
     }
     return {**settings, **(extra or {})}
 

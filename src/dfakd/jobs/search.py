@@ -3,7 +3,9 @@
 The training split is cut into two stratified halves (seeded): each step trains beta on a batch of one
 (the held-out half, L_val), then the weights on a batch of the other (L_train). ``groupwise`` runs one
 phase of ``search.epochs`` epochs per matched group; at the end of its phase a group's alphas are derived
-(``derive.*``) and kept fixed. Results in the run folder:
+(``derive.*``) and kept fixed. ``search.warmup_epochs`` (ours) come first: the weights step as usual (CE +
+the bridge loss at the starting alphas), the betas do not (their bridge loss on the beta half is still
+measured and logged). Results in the run folder:
 ``search.json`` (final beta/alpha per group), ``alpha_trajectory.csv``, ``alphas.png`` (heatmap),
 ``alpha_trajectory.png`` and ``search_metrics.csv`` (one row per epoch).
 """
@@ -63,7 +65,8 @@ class SearchTask:
     def __init__(self, cfg: dict[str, Any], searcher: Searcher, batches: PairedBatches) -> None:
         self.cfg, self.scfg, self.searcher, self.paired = cfg, cfg["search"], searcher, batches
         self.plan = phases(self.scfg["schedule"], len(searcher.pairs))
-        self.epochs = len(self.plan) * self.scfg["epochs"]
+        self.warmup = self.scfg["warmup_epochs"]
+        self.epochs = self.warmup + len(self.plan) * self.scfg["epochs"]
         self.steps = len(batches)
         self.trajectory: list[list[float]] = []  # [step, phase, group, alpha_0, alpha_1, ...]
         self.pending: list[tuple[int, int, int, torch.Tensor]] = []  # recorded alphas, read at epoch end
@@ -82,8 +85,12 @@ class SearchTask:
         self.trajectory = state["trajectory"]
 
     def phase(self, epoch: int) -> tuple[int, list[int]]:
-        phase = epoch // self.scfg["epochs"]
+        """The phase of ``epoch`` and its active groups; the warm-up epochs belong to the first phase."""
+        phase = max(0, epoch - self.warmup) // self.scfg["epochs"]
         return phase, self.plan[phase]
+
+    def warming_up(self, epoch: int) -> bool:
+        return epoch < self.warmup
 
     def batches(self, epoch: int) -> PairedBatches:
         self.searcher.bridge.active = self.phase(epoch)[1]
@@ -99,7 +106,8 @@ class SearchTask:
         global_step = epoch * steps + step
         scfg = self.scfg
         lr = cosine_lr(global_step, self.epochs * steps, scfg["w_lr"], scfg["w_lr_min"])
-        beta_loss = self.searcher.beta_step(xv, yv, groups)  # Algorithm 1: beta_i first, then w
+        # Algorithm 1: beta_i first, then w (during the warm-up the beta-half loss is only measured)
+        beta_loss = self.searcher.beta_step(xv, yv, groups, update=not self.warming_up(epoch))
         terms = self.searcher.weight_step(x, y, lr)
         terms["beta_loss"] = beta_loss
         if global_step % scfg["record_every"] == 0 or step + 1 == steps:
@@ -114,7 +122,8 @@ class SearchTask:
         bridge, pairs = self.searcher.bridge, self.searcher.pairs
         self.flush_trajectory()
         phase, groups = self.phase(epoch)
-        if self.scfg["schedule"] == "groupwise" and (epoch + 1) % self.scfg["epochs"] == 0:
+        phase_end = not self.warming_up(epoch) and (epoch + 1 - self.warmup) % self.scfg["epochs"] == 0
+        if self.scfg["schedule"] == "groupwise" and phase_end:
             dcfg = self.cfg["derive"]
             mode = dcfg["mode"] if dcfg["mode"] in agg_mod.SEARCHED_MODES else "full"
             for i in groups:
@@ -127,8 +136,9 @@ class SearchTask:
             for i, p in enumerate(pairs):
                 for name, a in zip(p.teacher.names, F.softmax(bridge.betas[i], 0).tolist(), strict=True):
                     row[f"alpha.g{p.spatial}.{name}"] = a
+        what = "warm-up, betas fixed" if self.warming_up(epoch) else f"groups {groups}"
         log(
-            f"search epoch {epoch + 1}/{self.epochs} (groups {groups}): w-loss {means['w_loss']:.4f}, "
+            f"search epoch {epoch + 1}/{self.epochs} ({what}): w-loss {means['w_loss']:.4f}, "
             f"bridge (beta half) {means['beta_loss']:.4f}, {epoch_time:.1f}s"
         )
         return row

@@ -199,9 +199,16 @@ class Searcher:
         self.w_opt.step()
         return {"w_loss": loss.detach(), "ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
 
-    def beta_step(self, x: torch.Tensor, y: torch.Tensor, groups: list[int]) -> torch.Tensor:
-        """The active groups' betas on a beta-half batch (first order); BN statistics untouched."""
-        with frozen_batchnorm_stats(self.student, self.bridge), autocast(self.device, self.precision):
+    def beta_step(
+        self, x: torch.Tensor, y: torch.Tensor, groups: list[int], update: bool = True
+    ) -> torch.Tensor:
+        """The active groups' betas on a beta-half batch (first order); BN statistics untouched.
+        ``update=False`` only measures the loss (a warm-up epoch)."""
+        with (
+            frozen_batchnorm_stats(self.student, self.bridge),
+            autocast(self.device, self.precision),
+            torch.set_grad_enabled(update),
+        ):
             with torch.no_grad():
                 t = self.teacher.forward_features(x)
                 s = self.student.forward_features(x)
@@ -209,6 +216,8 @@ class Searcher:
             if self.scfg["regularizer"] != "none":
                 reg = self.bridge.regularizer(self.scfg["regularizer"], groups)
                 loss = loss + self.scfg["regularizer_weight"] * reg
+        if not update:
+            return loss.detach()
         active = [self.bridge.betas[i] for i in groups]
         grads = torch.autograd.grad(loss, active)
         self.beta_opt.zero_grad(set_to_none=True)
