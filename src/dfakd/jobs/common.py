@@ -53,8 +53,8 @@ def sha256_of(path: str | Path) -> str:
 
 def stage_settings(cfg: dict[str, Any], stage: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat settings that decide a ``stage`` job's result: its sections of the resolved config without
-    operational keys (nor keys of ``ADDED_NEUTRAL`` at their neutral value), plus ``extra`` (content digests of input files instead of their paths, resolved
-    method options)."""
+    operational keys (nor keys of ``ADDED_NEUTRAL`` at their neutral value), plus ``extra`` (content
+    digests of input files instead of their paths, resolved method options)."""
     flat = config_mod.flatten({key: cfg[key] for key in STAGE_SECTIONS[stage]})
     settings = {
         k: v
