@@ -67,7 +67,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (base / "latin1.yaml").write_bytes(b"seed: 0\n# caf\xe9\n")
     (base / "duplicate.yaml").write_text("recipe:\n  lr: 0.1\n  lr: 0.2\n")
     (base / "a_file").write_text("not a folder\n")
-    torch.save({"model": teacher.state_dict(), "arch": "resnet20", "num_classes": "ten"}, base / "classes_str.pt")
+    torch.save(
+        {"model": teacher.state_dict(), "arch": "resnet20", "num_classes": "ten"}, base / "classes_str.pt"
+    )
     torch.save({"model": teacher.state_dict(), "arch": 7, "num_classes": 3}, base / "arch_int.pt")
     short = {"teacher": "resnet20", "groups": [{"spatial": 32, "layers": T_32, "alpha": [1.0]}]}
     (base / "short_alpha.json").write_text(json.dumps(short))
