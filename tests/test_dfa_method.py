@@ -571,6 +571,22 @@ def test_fixed_modes():
         assert sum(g.layers.values()) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_ofd_loss_is_the_sum_of_its_group_terms_each_weighted_by_its_decay():
+    torch.manual_seed(0)
+    teacher, student = models.build("resnet20", 10).eval(), models.build("resnet8", 10)
+    context = DistillContext("resnet20")
+    ofd = OFD.from_config(teacher, student, OFD.resolve_options({"group_decay": 3.0}), context)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    s, t = student.forward_features(x), teacher.forward_features(x)
+    terms = ofd.group_terms(s, t, 4)
+    assert torch.allclose(ofd(s, t, y, 0.0)["ofd"], sum(terms))
+    for i, term in enumerate(terms):
+        mapped, target = ofd.mapped_and_target(s, t, i)
+        mask = (mapped > target) | (target > 0)
+        expected = 1e-3 / 4 * ((mapped - target).pow(2) * mask).sum() / 3.0 ** (2 - i)
+        assert torch.allclose(term, expected)
+
+
 @pytest.mark.parametrize("mixed", [32, 16, 8])
 def test_the_stage2_gap_aggregations_average_one_group_of_resnet20_and_keep_last_elsewhere(mixed: int):
     path = Path(__file__).parents[1] / f"config/experiments/aggregations/resnet20-average-at-{mixed}px.yaml"

@@ -127,17 +127,25 @@ class AggregatedFeatureDistill(DistillMethod):
         for i, s in enumerate(stats):
             getattr(self, f"margin_{i}").copy_(s.margin(self.options["margin_fallback_std"]))
 
+    def mapped_and_target(self, s: NetFeatures, t: NetFeatures, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group i's connector output ``s_i`` and its margin-ReLU target ``t_i`` (float32)."""
+        student = self.connectors[i](s.candidates[self.pairs[i].student.index][-1])
+        margin = getattr(self, f"margin_{i}").view(1, -1, 1, 1)
+        return student.float(), torch.max(self.target(t, i).detach().float(), margin)
+
+    def group_terms(self, s: NetFeatures, t: NetFeatures, batch: int) -> list[torch.Tensor]:
+        """Each group's share of the loss, weighted as in it (the loss is their sum)."""
+        n = len(self.pairs)
+        scale = self.options["weight"] / batch
+        return [
+            scale * partial_l2(*self.mapped_and_target(s, t, i)) / self.options["group_decay"] ** (n - 1 - i)
+            for i in range(n)
+        ]
+
     def forward(
         self, s: NetFeatures, t: NetFeatures, y: torch.Tensor, epoch: float
     ) -> dict[str, torch.Tensor]:
-        total = torch.zeros((), device=y.device)
-        n = len(self.pairs)
-        for i, p in enumerate(self.pairs):
-            student = self.connectors[i](s.candidates[p.student.index][-1])
-            margin = getattr(self, f"margin_{i}").view(1, -1, 1, 1)
-            target = torch.max(self.target(t, i).detach().float(), margin)
-            total = total + partial_l2(student.float(), target) / self.options["group_decay"] ** (n - 1 - i)
-        return {self.name: self.options["weight"] * total / y.shape[0]}
+        return {self.name: sum(self.group_terms(s, t, y.shape[0]))}
 
 
 class OFD(AggregatedFeatureDistill):
