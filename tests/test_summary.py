@@ -41,3 +41,27 @@ def test_paired_difference_against_ofd_uses_the_same_seeds(tmp_path: Path) -> No
     assert "| dfa_average | 2 |" in (tmp_path / "s.md").read_text()
     assert "+0.25 +- 1.06 (2)" in (tmp_path / "s.md").read_text()
     assert "paired_vs_ofd_mean" in (tmp_path / "s.csv").read_text().splitlines()[0]
+
+
+def test_search_alphas_table_averages_over_search_seeds_per_variant(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def write(run: str, alphas: list[float]) -> None:
+        folder = tmp_path / "search" / "mnist5k" / "t" / "resnet8" / run
+        folder.mkdir(parents=True)
+        group = {"spatial": 8, "layers": ["a", "b", "c"], "alpha": alphas}
+        (folder / "search.json").write_text(json.dumps({"groups": [group]}))
+
+    write("s0", [0.2, 0.2, 0.6])
+    write("s1", [0.4, 0.2, 0.4])
+    write("mse_st-s0", [0.7, 0.2, 0.1])
+    script = Path(__file__).parents[1] / "scripts" / "search_alphas.py"
+    run = subprocess.run([sys.executable, script, tmp_path], capture_output=True, text=True, check=True)
+    out = run.stdout
+    rows = [line for line in out.splitlines() if line.startswith("| mnist5k")]
+    assert rows == [
+        "| mnist5k | t | resnet8 | default | 8 px | a 0.30 +- 0.14; b 0.20 +- 0.00; c 0.50 +- 0.14 "
+        "| s0: 3, s1: 1 |",
+        "| mnist5k | t | resnet8 | mse_st | 8 px | a 0.70 +- 0.00; b 0.20 +- 0.00; c 0.10 +- 0.00 | s0: 1 |",
+    ]
