@@ -669,3 +669,25 @@ def test_stratified_halves():
     assert torch.equal(a, a2) and torch.equal(b, b2)
     a3, _ = data.stratified_halves(labels, seed=8)
     assert not torch.equal(a, a3)
+
+
+def test_prepared_dataset_folders_follow_the_umask(tmp_path: Path) -> None:
+    """The copy is written in a staging folder and renamed into place: the folder gets the umask's mode
+    (mkdtemp's 0700 would lock out the group a shared data folder is meant for)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    root = tmp_path / "data" / "mnist5k"
+    done = subprocess.run(
+        [sys.executable, "-m", "dfakd", "prepare-data", "mnist5k", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o002),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(root.stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "train").stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "COMPLETE").stat().st_mode) == 0o664

@@ -31,6 +31,14 @@ def _umask() -> int:
     return mask
 
 
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in ``parent`` to write into before renaming it into place, with the mode the umask
+    gives a new folder (``mkdtemp`` makes 0700, which a renamed dataset folder would keep)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

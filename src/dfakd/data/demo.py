@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dfakd.errors import DfakdError
+from dfakd.files import staging_dir
 
 TEST_PER_CLASS = 100
 SPLIT_SEED = 0
@@ -105,7 +106,7 @@ def _write_copy(
         return root
     _check_replaceable(name, root, force)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    staging = staging_dir(root.parent, f".{root.name}.")
     try:
         for split, label, index, rgb in produce():
             folder = staging / split / str(label)
