@@ -277,3 +277,15 @@ def one_line_error(proc: subprocess.CompletedProcess, verb: str) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"dfakd {verb}: error: "), lines[0]
     return lines[0]
+
+
+def average_aggregation(folder: Path, teacher_arch: str, student_arch: str, classes: int) -> str:
+    """Write the ``average`` aggregation of a pair (every candidate of every matched group) to a file."""
+    from dfakd import models
+    from dfakd.methods import aggregation as agg_mod
+    from dfakd.methods.base import match_groups
+
+    teacher, student = models.build(teacher_arch, classes), models.build(student_arch, classes)
+    path = folder / "average.yaml"
+    agg_mod.fixed(teacher_arch, match_groups(teacher, student), "average").save(path)
+    return str(path)

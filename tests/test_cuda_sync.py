@@ -16,13 +16,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import average_aggregation
 
 from dfakd import config, methods, models
 from dfakd.data import BatchStream
 from dfakd.data.datasets import ImageSplit
 from dfakd.jobs.search import PairedBatches, SearchTask
-from dfakd.methods import aggregation as agg_mod
-from dfakd.methods.base import match_groups
 from dfakd.methods.bridge import Searcher
 from dfakd.methods.distill import DistillStep
 from dfakd.training.loop import FiniteWatch, run_step
@@ -101,10 +100,8 @@ def run_steps(task, batches, device: torch.device) -> None:
 
 @pytest.fixture(scope="module")
 def aggregation(tmp_path_factory: pytest.TempPathFactory) -> str:
-    teacher, student = models.build(TEACHER, CLASSES), models.build(STUDENT, CLASSES)
-    path = tmp_path_factory.mktemp("agg") / "average.yaml"
-    agg_mod.fixed(TEACHER, match_groups(teacher, student), "average").save(path)
-    return str(path)
+    """An ``average`` aggregation (every candidate of every group: the most teacher features dfa uses)."""
+    return average_aggregation(tmp_path_factory.mktemp("agg"), TEACHER, STUDENT, CLASSES)
 
 
 @pytest.mark.parametrize("device_name", DEVICES)

@@ -10,13 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import average_aggregation
 
 from dfakd import config, methods, models
 from dfakd.data import BatchStream
 from dfakd.data.datasets import ImageSplit
 from dfakd.data.stream import epoch_generator
-from dfakd.methods import aggregation as agg_mod
-from dfakd.methods.base import match_groups
 from dfakd.methods.bridge import Searcher
 from dfakd.methods.distill import DistillStep
 from dfakd.training.loop import evaluate
@@ -32,10 +31,7 @@ DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def aggregation(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An ``average`` aggregation (every candidate of every group: the most teacher features dfa uses)."""
-    teacher, student = models.build(TEACHER, CLASSES), models.build(STUDENT, CLASSES)
-    path = tmp_path_factory.mktemp("agg") / "average.yaml"
-    agg_mod.fixed(TEACHER, match_groups(teacher, student), "average").save(path)
-    return str(path)
+    return average_aggregation(tmp_path_factory.mktemp("agg"), TEACHER, STUDENT, CLASSES)
 
 
 def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
