@@ -23,5 +23,8 @@ parent = json.loads((out / "mlflow_parent_run.json").read_text())
 run = parent.get("run_id") or "none (no job trained in this invocation)"
 print(f"MLflow: pipeline run {run} (every job's run is nested under it) in {parent['uri']}")
 print(f"open the UI with: mlflow ui --backend-store-uri {parent['uri']}")
+if parent.get("experiment_id"):
+    from dfakd.tracking import runs_url
+    print(f"the runs table: {runs_url(parent['experiment_id'])}")
 print(f"summary: {out / 'summary.md'}, plots: {out / 'plots'}, report: {out / 'report.html'}")
 PY

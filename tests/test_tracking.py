@@ -78,8 +78,9 @@ def test_train_job_logged_to_sqlite(imagefolder: FolderFiles, tmp_path: Path):
     if state is not None:  # a git checkout (the test suite's usual case)
         assert tags["dfakd.git_commit"] == tags["mlflow.source.git.commit"] == state[0]
         assert tags["dfakd.git_dirty"] in ("true", "false")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "tags.dfakd.current" in exp.tags["mlflow.note.content"]
+    assert tracking.RUNS_VIEW in exp.tags["mlflow.note.content"]  # how to reach the runs table
+    assert "mlflow.experimentKind" not in exp.tags  # MLflow 3.17's UI ignores it: the URL decides
 
     history = client.get_metric_history(run.info.run_id, "test_acc1")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
@@ -145,6 +146,16 @@ def test_failed_job_marks_run_failed(imagefolder: FolderFiles, tmp_path: Path):
     run = _client(tracking_uri(cfg)).get_run(_run_id(tmp_path / "run"))
     assert run.info.status == "FAILED"
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_runs_url_opens_the_runs_table():
+    """The MLflow 3.17 UI (hash-routed) shows the classic ML runs table for this query, whatever view the
+    browser last used; without it a fresh browser lands on the GenAI overview."""
+    assert tracking.RUNS_VIEW == "workflowType=machine_learning"
+    assert (
+        tracking.runs_url("7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert tracking.runs_url("7", "http://host:5055/").startswith("http://host:5055/#/experiments/7/runs?")
 
 
 def test_git_state_without_git(monkeypatch: pytest.MonkeyPatch):

@@ -52,7 +52,9 @@ EVAL_FILE = "eval.json"
 SUPERSEDED = "superseded"  # the folder where a retrained job's earlier run is set aside
 CURRENT_TAG = "dfakd.current"  # "true" on a job's live run, "false" on the runs of its superseded files
 ARTIFACT_DIR = "mlartifacts"  # beside a default SQLite store
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow's classic ML view
+# The MLflow 3.17 UI opens an experiment on the GenAI overview unless the URL asks for its classic ML view
+# (else the browser's remembered GenAI / Model training switch decides; it reads no experiment tag):
+RUNS_VIEW = "workflowType=machine_learning"
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 5000
 
@@ -107,13 +109,20 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+def runs_url(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs table in the MLflow UI served at ``ui``."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+
+
 def experiment_note(name: str) -> str:
     return (
-        f"dfakd experiment `{name}`: one run per job (tag `stage`: train, search, distill; `pipeline` for "
-        "the parent run of a workflow invocation, which holds its config, summary and plots). Results "
-        "files are the source of truth, these runs the view. Filter `tags.dfakd.current = 'true'` to "
-        "see each job once (a retrained job's earlier run is `false`), and `tags.method = 'NAME'` for "
-        "the students of one configured method (`method_type` is its kind, e.g. `dfa`)."
+        f"dfakd experiment `{name}`. The runs table: click *Model training* (top left) or open "
+        f"`#/experiments/<id>/runs?{RUNS_VIEW}`. One run per job (tag `stage`: train, search, distill; "
+        "`pipeline` for the parent run of a workflow invocation, which holds its config, summary and "
+        "plots). Results files are the source of truth, these runs the view. Filter "
+        "`tags.dfakd.current = 'true'` to see each job once (a retrained job's earlier run is `false`), "
+        "and `tags.method = 'NAME'` for the students of one configured method (`method_type` is its "
+        "kind, e.g. `dfa`)."
     )
 
 
@@ -148,7 +157,7 @@ def with_retries(fn: Callable[[], Any], attempts: int, backoff_s: float) -> Any:
 
 
 def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
-    """Create the experiment (and, for SQLite, the store) if needed, with its kind and description tags;
+    """Create the experiment (and, for SQLite, the store) if needed, with its description tag;
     return its id. A default store of a results folder that was copied or moved is relocated first."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(name)
@@ -156,7 +165,7 @@ def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
         artifact_location = None
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
             artifact_location = (Path(results_dir).resolve() / ARTIFACT_DIR).as_uri()
-        tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], "mlflow.note.content": experiment_note(name)}
+        tags = {"mlflow.note.content": experiment_note(name)}
         try:
             return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
         except Exception:  # another job created it between our lookup and create
@@ -165,8 +174,6 @@ def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
                 raise
     if uri == default_uri(results_dir):
         relocate_store(results_dir)
-    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older dfakd
-        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     if "mlflow.note.content" not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", experiment_note(name))
     return exp.experiment_id
