@@ -519,7 +519,7 @@ def test_tiny_run_mlflow_is_a_comparison_view(tiny_run: TinyRun) -> None:
     """What a researcher filters and reads: one group per configured method name, params that decided
     each run, the note that tells how to reach the runs table, the parent run's files."""
     client, exp, parent = _tiny_store(tiny_run)
-    assert "mlflow.experimentKind" not in exp.tags  # MLflow 3.17's UI takes its view from the URL
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # 3.17's UI: the URL decides
     assert "workflowType=machine_learning" in exp.tags["mlflow.note.content"]
     ids = [exp.experiment_id]
     for name in tiny_run.cfg["methods"]:

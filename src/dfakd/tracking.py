@@ -52,8 +52,10 @@ EVAL_FILE = "eval.json"
 SUPERSEDED = "superseded"  # the folder where a retrained job's earlier run is set aside
 CURRENT_TAG = "dfakd.current"  # "true" on a job's live run, "false" on the runs of its superseded files
 ARTIFACT_DIR = "mlartifacts"  # beside a default SQLite store
-# The MLflow 3.17 UI opens an experiment on the GenAI overview unless the URL asks for its classic ML view
-# (else the browser's remembered GenAI / Model training switch decides; it reads no experiment tag):
+# The experiment kind MLflow's UI uses to choose its classic ML view over the GenAI one. The 3.17 UI reads
+# no tag for that (its feature flag takes the view from the URL, else from the browser's remembered GenAI /
+# Model training switch), so the address of the runs table carries the view too:
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 RUNS_VIEW = "workflowType=machine_learning"
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 5000
@@ -157,7 +159,7 @@ def with_retries(fn: Callable[[], Any], attempts: int, backoff_s: float) -> Any:
 
 
 def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
-    """Create the experiment (and, for SQLite, the store) if needed, with its description tag;
+    """Create the experiment (and, for SQLite, the store) if needed, with its kind and description tags;
     return its id. A default store of a results folder that was copied or moved is relocated first."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(name)
@@ -165,7 +167,7 @@ def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
         artifact_location = None
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
             artifact_location = (Path(results_dir).resolve() / ARTIFACT_DIR).as_uri()
-        tags = {"mlflow.note.content": experiment_note(name)}
+        tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], "mlflow.note.content": experiment_note(name)}
         try:
             return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
         except Exception:  # another job created it between our lookup and create
@@ -174,6 +176,8 @@ def ensure_experiment(uri: str, name: str, results_dir: str | Path) -> str:
                 raise
     if uri == default_uri(results_dir):
         relocate_store(results_dir)
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older dfakd
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     if "mlflow.note.content" not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", experiment_note(name))
     return exp.experiment_id
