@@ -280,3 +280,25 @@ def test_a_moved_results_folder_keeps_its_artifacts_to_itself(imagefolder: Folde
     assert (moved / "mlartifacts").is_dir()
     relocated = run_cli("relocate-mlflow", moved, cwd=tmp_path)
     assert relocated.returncode == 0 and "nothing to change" in relocated.stdout, relocated.stdout
+
+
+def test_relocate_points_a_copied_parent_run_file_at_the_copy(tmp_path: Path):
+    """A copied results folder's `mlflow_parent_run.json` names the original's default store until
+    `relocate-mlflow` runs; a server URI is left alone."""
+    from conftest import run_cli
+
+    original, copy = tmp_path / "orig" / "results", tmp_path / "copy" / "results"
+    copy.mkdir(parents=True)
+    info = {"uri": tracking.default_uri(original), "run_id": "abc", "experiment_id": "1"}
+    (copy / tracking.PARENT_RUN_FILE).write_text(json.dumps(info) + "\n")
+    done = run_cli("relocate-mlflow", copy, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    moved = json.loads((copy / tracking.PARENT_RUN_FILE).read_text())
+    assert moved == {**info, "uri": tracking.default_uri(copy)}
+    again = run_cli("relocate-mlflow", copy, cwd=tmp_path)
+    assert "nothing to change" in again.stdout
+
+    server = {**info, "uri": "http://mlflow.example:5000"}
+    (copy / tracking.PARENT_RUN_FILE).write_text(json.dumps(server) + "\n")
+    run_cli("relocate-mlflow", copy, cwd=tmp_path)
+    assert json.loads((copy / tracking.PARENT_RUN_FILE).read_text()) == server

@@ -41,6 +41,7 @@ from dfakd import config as config_mod
 from dfakd.files import atomic_write_json, atomic_write_text
 
 RUN_FILE = "mlflow_run.json"
+PARENT_RUN_FILE = "mlflow_parent_run.json"  # a workflow's parent run, in its results folder
 SETTINGS_FILE = "settings.json"  # the job's settings (what decided its result): the run's params
 METRIC_FILES = ("metrics.csv", "search_metrics.csv")
 ARTIFACTS = (
@@ -262,6 +263,15 @@ def relocate(results_dir: str | Path) -> tuple[int, int]:
         moved = locate(info, path.parent)
         if moved != info:
             _write_run_file(path.parent, moved)
+            files += 1
+    # the workflow's parent-run file names its store too (a default store: the folder's own mlflow.db)
+    parent = results_dir / PARENT_RUN_FILE
+    if parent.is_file():
+        info = json.loads(parent.read_text())
+        uri, here = info.get("uri"), default_uri(results_dir)
+        default_elsewhere = str(uri).startswith("sqlite:///") and str(uri).endswith("/mlflow.db")
+        if default_elsewhere and uri != here:
+            atomic_write_text(parent, json.dumps({**info, "uri": here}) + "\n")
             files += 1
     return experiments, files
 
