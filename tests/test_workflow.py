@@ -494,6 +494,7 @@ def test_tiny_run_mlflow_runs_nested_under_the_pipeline_run(tiny_run: TinyRun) -
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent_run = client.get_run(parent["run_id"])
     assert parent_run.info.status == "FINISHED"
+    assert not (tiny_run.out / "mlflow_parent_run.json.lock").exists()  # removed when the run closed
     assert [r.info.run_id for r in runs if r.data.tags.get("stage") == "pipeline"] == [parent["run_id"]]
     children = [r for r in runs if r.info.run_id != parent["run_id"]]
     by_stage: dict[str, list] = {}

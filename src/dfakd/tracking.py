@@ -558,6 +558,10 @@ class Tracker:
         return f"MLflow run {self.run_id} in {self.uri}{state}"
 
 
+def _parent_lock(run_file: Path) -> Path:
+    return run_file.with_name(run_file.name + ".lock")
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (a lock file beside the parent run file) across processes."""
@@ -613,7 +617,7 @@ def pipeline_parent(run_file: str | Path) -> str | None:
     if not run_file.is_file():
         return None
     try:
-        with _locked(run_file.with_name(run_file.name + ".lock")):
+        with _locked(_parent_lock(run_file)):
             info = json.loads(run_file.read_text())
             if info.get("run_id") or info.get("offline") or not info.get("experiment_id"):
                 return info.get("run_id")
@@ -633,6 +637,8 @@ def finish_pipeline_run(
     returns why it could not (never raises for an unreachable store). Nothing to do when there is none (no
     job trained, or the store was unreachable when the pipeline started, which it said then)."""
     _prepare_client_env(10)
+    # every job of the invocation has ended: the lock that kept them to one parent is not needed any more
+    _parent_lock(Path(run_file)).unlink(missing_ok=True)
     info = json.loads(Path(run_file).read_text())
     if not info.get("run_id"):
         return None
