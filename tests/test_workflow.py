@@ -40,6 +40,11 @@ SHIPPED = [
     "config/benchmarks/crd_cifar100.yaml",
     "config/experiments/ablation.yaml",
 ]
+#: overlays on a shipped config: the slices of a study that ran (docs/experiments.md)
+OVERLAYS = {
+    f"config/experiments/ablation-slices/{name}.yaml": "config/experiments/ablation.yaml"
+    for name in ("resnet-3-seeds", "stage2-gap", "variants-seed0")
+}
 SEARCHED_MODES = {"prune", "argmax", "topk", "full"}
 
 
@@ -185,6 +190,17 @@ def _paper(name: str) -> Callable[[Path], tuple[list[Path], dict]]:
     return make
 
 
+def _overlaid(overlay: str) -> Callable[[Path], tuple[list[Path], dict]]:
+    """A shipped config with one of its overlays merged over it, as `--configfile BASE OVERLAY` does."""
+
+    def make(tmp_path: Path) -> tuple[list[Path], dict]:
+        files, cfg = _paper(OVERLAYS[overlay])(tmp_path)
+        cfg = merge(cfg, load(overlay))
+        return [write_yaml(files[0], cfg)], cfg
+
+    return make
+
+
 def _crd_imported(tmp_path: Path) -> tuple[list[Path], dict]:
     """The CRD benchmark with its commented `checkpoint:` in use for one teacher (a placeholder file: a
     dry run only needs it to exist)."""
@@ -205,6 +221,7 @@ def _crd_imported(tmp_path: Path) -> tuple[list[Path], dict]:
         pytest.param(_paper("config/benchmarks/crd_cifar100.yaml"), id="crd-cifar100"),
         pytest.param(_crd_imported, id="crd-cifar100-imported-teacher"),
         pytest.param(_paper("config/experiments/ablation.yaml"), id="ablation"),
+        *(pytest.param(_overlaid(o), id=Path(o).stem) for o in OVERLAYS),
     ],
 )
 def test_dry_run_plans_the_grid(make: Callable, tmp_path: Path) -> None:
@@ -218,7 +235,7 @@ def test_shipped_configs_are_covered() -> None:
     """Every workflow config under config/ (one with `pairs:`; the others are `dfakd` job configs) is
     planned by test_dry_run_plans_the_grid."""
     found = [p for p in (REPO / "config").rglob("*.yaml") if "pairs" in (yaml.safe_load(p.read_text()) or {})]
-    assert sorted(str(p.relative_to(REPO)) for p in found) == sorted(SHIPPED)
+    assert sorted(str(p.relative_to(REPO)) for p in found) == sorted([*SHIPPED, *OVERLAYS])
 
 
 def test_search_variants_are_searches_of_their_own(tmp_path: Path) -> None:
