@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "search": {  # stage 1 (METHOD.md section 2); DARTS defaults
         "schedule": "groupwise",  # groupwise (one group at a time, in order) | joint (all groups at once)
         "epochs": 10,  # epochs over the weight half per phase (groupwise: one phase per group)
-        "warmup_epochs": 0,  # [ours] epochs of student-only training (CE, no beta step) before the search
+        "warmup_epochs": 0,  # [ours] epochs of weight steps only (CE + bridge, no beta step) first
         "batch_size": 64,
         "w_lr": 0.025,  # student + connectors: SGD, cosine to w_lr_min
         "w_lr_min": 0.001,

@@ -4,8 +4,9 @@ The training split is cut into two stratified halves (seeded): each step trains 
 (the held-out half, L_val), then the weights on a batch of the other (L_train). ``groupwise`` runs one
 phase of ``search.epochs`` epochs per matched group; at the end of its phase a group's alphas are derived
 (``derive.*``) and kept fixed. ``search.warmup_epochs`` (ours) come first: the weights step as usual (CE +
-the bridge loss at the starting alphas), the betas do not (their bridge loss on the beta half is still
-measured and logged). Results in the run folder:
+the bridge loss as the first phase starts it: uniform alphas in its groups, ``last`` in the others), the
+betas do not (their bridge loss on the beta half is still measured, for the logged metrics). Results in the
+run folder:
 ``search.json`` (final beta/alpha per group), ``alpha_trajectory.csv``, ``alphas.png`` (heatmap),
 ``alpha_trajectory.png`` and ``search_metrics.csv`` (one row per epoch).
 """
