@@ -29,9 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dfakd import config, data, methods, models
+from dfakd import config, data
 from dfakd.files import load_checkpoint
-from dfakd.jobs.common import eval_stream, frozen, load_teacher
+from dfakd.jobs.common import eval_stream
+from dfakd.jobs.distill import build_step
 from dfakd.methods.distill import DistillStep
 from dfakd.methods.ofd import AggregatedFeatureDistill
 from dfakd.training.runtime import setup
@@ -41,19 +42,13 @@ def build(run_dir: Path) -> tuple[dict[str, Any], DistillStep, AggregatedFeature
     """The run's config, its DistillStep as the job built it (margins estimated), and the data streams."""
     cfg = config.load([run_dir / "config.yaml"])
     cfg["runtime"]["device"] = "cpu"
+    cfg["runtime"]["channels_last"] = False
     device = setup(cfg)
-    n_classes = data.num_classes(cfg["dataset"])
-    teacher, teacher_arch, _ = load_teacher(cfg, n_classes)
-    teacher = frozen(teacher, device, False)
-    torch.manual_seed(cfg["seed"])
-    student = models.build(cfg["model"]["arch"], n_classes)
-    dcfg = cfg["distill"]
-    context = methods.DistillContext(teacher_arch, dcfg["aggregation"])
-    parts = methods.build(methods.parse_method(dcfg["method"]), teacher, student, dcfg["options"], context)
-    feature = [p for p in parts if isinstance(p, AggregatedFeatureDistill)]
+    step, _, _ = build_step(cfg, device, data.num_classes(cfg["dataset"]))
+    teacher = step.teacher[0]
+    feature = [p for p in step.parts if isinstance(p, AggregatedFeatureDistill)]
     if not feature:
-        sys.exit(f"{run_dir}: method {dcfg['method']!r} has no OFD-style feature term")
-    step = DistillStep(student, teacher, parts, dcfg["ce_weight"])
+        sys.exit(f"{run_dir}: method {cfg['distill']['method']!r} has no OFD-style feature term")
     train = data.load_split(cfg["dataset"], "train")
     feature[0].prepare(teacher, eval_stream(cfg, device, train))  # margins, as the job estimates them
     # the measured batches: training-sized, drawn at random (the split is stored class by class, and a
@@ -82,16 +77,16 @@ def measure(step: DistillStep, part: AggregatedFeatureDistill, teacher, batches,
             t = teacher.forward_features(x)
         s = step.student.forward_features(x)
         ce = F.cross_entropy(s.logits.float(), y)
-        terms = part.group_terms(s, t, y.shape[0])
         for acc, grad in zip(g_ce, torch.autograd.grad(ce, params, retain_graph=True), strict=True):
             acc += grad
-        for i, term in enumerate(terms):
+        for i in range(n_groups):
+            mapped, target = part.mapped_and_target(s, t, i)
+            term = part.group_term(mapped, target, i, y.shape[0])
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
             for acc, grad in zip(g_groups[i], grads, strict=True):
                 if grad is not None:
                     acc += grad
             with torch.no_grad():
-                mapped, target = part.mapped_and_target(s, t, i)
                 on[i] += ((mapped > target) | (target > 0)).float().mean().item()
                 pos[i] += (target > 0).float().mean().item()
                 rms[i] += target.pow(2).mean().sqrt().item()

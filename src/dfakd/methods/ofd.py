@@ -133,14 +133,14 @@ class AggregatedFeatureDistill(DistillMethod):
         margin = getattr(self, f"margin_{i}").view(1, -1, 1, 1)
         return student.float(), torch.max(self.target(t, i).detach().float(), margin)
 
+    def group_term(self, mapped: torch.Tensor, target: torch.Tensor, i: int, batch: int) -> torch.Tensor:
+        """Group i's share of the loss from its ``mapped_and_target``, weighted as in the loss."""
+        decay = self.options["group_decay"] ** (len(self.pairs) - 1 - i)
+        return self.options["weight"] / batch * partial_l2(mapped, target) / decay
+
     def group_terms(self, s: NetFeatures, t: NetFeatures, batch: int) -> list[torch.Tensor]:
         """Each group's share of the loss, weighted as in it (the loss is their sum)."""
-        n = len(self.pairs)
-        scale = self.options["weight"] / batch
-        return [
-            scale * partial_l2(*self.mapped_and_target(s, t, i)) / self.options["group_decay"] ** (n - 1 - i)
-            for i in range(n)
-        ]
+        return [self.group_term(*self.mapped_and_target(s, t, i), i, batch) for i in range(len(self.pairs))]
 
     def forward(
         self, s: NetFeatures, t: NetFeatures, y: torch.Tensor, epoch: float
