@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -236,6 +237,33 @@ def test_shipped_configs_are_covered() -> None:
     planned by test_dry_run_plans_the_grid."""
     found = [p for p in (REPO / "config").rglob("*.yaml") if "pairs" in (yaml.safe_load(p.read_text()) or {})]
     assert sorted(str(p.relative_to(REPO)) for p in found) == sorted([*SHIPPED, *OVERLAYS])
+
+
+def test_a_workflow_that_imports_another_checkouts_dfakd_says_so(tmp_path: Path) -> None:
+    """A second clone run with the first clone's editable install would run the first clone's code: the
+    plan warns, naming both; the repository's own workflow does not."""
+    import dfakd
+
+    imported = Path(dfakd.__file__).resolve().parent
+    own = REPO / "src" / "dfakd"
+    if imported != own.resolve():
+        pytest.skip(f"the tests import dfakd from {imported}, not from this checkout")
+    assert "another checkout" not in dry_run("config/config.yaml")[1]
+    clone = tmp_path / "clone"
+    (clone / "src" / "dfakd").mkdir(parents=True)
+    for folder in ("workflow", "config"):
+        shutil.copytree(REPO / folder, clone / folder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--quiet"],
+        cwd=clone, env=_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, output_of(proc)[-3000:]
+    warning = [line for line in proc.stderr.splitlines() if "another checkout" in line]
+    assert warning == [
+        f"dfakd workflow: warning: this workflow is {clone} but imports dfakd from {imported}, another "
+        f"checkout: its jobs run that code; run `pip install -e {clone}` or set PYTHONPATH={clone / 'src'} "
+        "to run this checkout's"
+    ]
 
 
 def test_search_variants_are_searches_of_their_own(tmp_path: Path) -> None:

@@ -372,6 +372,27 @@ def missing_datasets():
     return [f"datasets.{d}: {m}" for d, m in zip(sorted(used), found) if m]
 
 
+def other_checkout():
+    """The warning when the dfakd this workflow imports (its jobs run in the same environment) is another
+    source checkout's, e.g. a second clone's editable install: its jobs would run that code."""
+    repo = Path(workflow.basedir).parent
+    own = repo / "src" / "dfakd"
+    imported = Path(job_config_mod.__file__).resolve().parent
+    if not own.is_dir() or imported == own.resolve():
+        return None
+    if not (imported.parents[1] / "workflow" / "Snakefile").is_file():
+        return None  # an installed package, not another checkout
+    return (
+        f"this workflow is {repo} but imports dfakd from {imported}, another checkout: its jobs run that "
+        f"code; run `pip install -e {repo}` or set PYTHONPATH={repo / 'src'} to run this checkout's"
+    )
+
+
+OTHER_CHECKOUT = other_checkout()
+if OTHER_CHECKOUT:
+    print(f"dfakd workflow: warning: {OTHER_CHECKOUT}", file=sys.stderr)
+
+
 MISSING_DATASETS = missing_datasets()
 for _message in MISSING_DATASETS:
     print(f"dfakd workflow: note: {_message}", file=sys.stderr)
