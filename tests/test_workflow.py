@@ -44,7 +44,14 @@ SHIPPED = [
 #: overlays on a shipped config: the slices of a study that ran (docs/experiments.md)
 OVERLAYS = {
     f"config/experiments/ablation-slices/{name}.yaml": "config/experiments/ablation.yaml"
-    for name in ("resnet-3-seeds", "stage2-gap", "variants-seed0")
+    for name in (
+        "resnet-3-seeds",
+        "stage2-gap",
+        "variants-seed0",
+        "wrn-cluttered",
+        "resnet-seeds-3-4",
+        "resnet-ofd-seed0",
+    )
 }
 SEARCHED_MODES = {"prune", "argmax", "topk", "full"}
 
