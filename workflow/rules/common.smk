@@ -374,7 +374,7 @@ def missing_datasets():
 
 def other_checkout():
     """The warning when the dfakd this workflow imports (its jobs run in the same environment) is another
-    source checkout's, e.g. a second clone's editable install: its jobs would run that code."""
+    source checkout's (a second clone's editable install): its jobs run that code."""
     repo = Path(workflow.basedir).parent
     own = repo / "src" / "dfakd"
     imported = Path(job_config_mod.__file__).resolve().parent
