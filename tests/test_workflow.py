@@ -50,7 +50,6 @@ OVERLAYS = {
         "variants-seed0",
         "wrn-cluttered",
         "resnet-seeds-3-4",
-        "resnet-ofd-seed0",
     )
 }
 SEARCHED_MODES = {"prune", "argmax", "topk", "full"}
