@@ -38,28 +38,27 @@ from dfakd.methods.ofd import AggregatedFeatureDistill
 from dfakd.training.runtime import setup
 
 
-def build(run_dir: Path) -> tuple[dict[str, Any], DistillStep, AggregatedFeatureDistill, Any, Any]:
+def build(run_dir: Path) -> tuple[dict[str, Any], DistillStep, AggregatedFeatureDistill, Any]:
     """The run's config, its DistillStep as the job built it (margins estimated), and the data streams."""
     cfg = config.load([run_dir / "config.yaml"])
     cfg["runtime"]["device"] = "cpu"
     cfg["runtime"]["channels_last"] = False
     device = setup(cfg)
     step, _, _ = build_step(cfg, device, data.num_classes(cfg["dataset"]))
-    teacher = step.teacher[0]
     feature = [p for p in step.parts if isinstance(p, AggregatedFeatureDistill)]
     if not feature:
         sys.exit(f"{run_dir}: method {cfg['distill']['method']!r} has no OFD-style feature term")
     train = data.load_split(cfg["dataset"], "train")
-    feature[0].prepare(teacher, eval_stream(cfg, device, train))  # margins, as the job estimates them
+    feature[0].prepare(step.teacher[0], eval_stream(cfg, device, train))  # margins, as the job estimates them
     # the measured batches: training-sized, drawn at random (the split is stored class by class, and a
     # one-class batch would skew the batch statistics the student trains with)
     order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))
     cfg["runtime"]["eval_batch_size"] = cfg["recipe"]["batch_size"]
     measured = eval_stream(cfg, device, train.subset(order))
-    return cfg, step, feature[0], measured, teacher
+    return cfg, step, feature[0], measured
 
 
-def measure(step: DistillStep, part: AggregatedFeatureDistill, teacher, batches, limit: int) -> dict:
+def measure(step: DistillStep, part: AggregatedFeatureDistill, batches, limit: int) -> dict:
     params = [p for p in step.student.parameters() if p.requires_grad]
     n_groups = len(part.pairs)
     g_ce = [torch.zeros_like(p) for p in params]
@@ -74,7 +73,7 @@ def measure(step: DistillStep, part: AggregatedFeatureDistill, teacher, batches,
             break
         seen += 1
         with torch.no_grad():
-            t = teacher.forward_features(x)
+            t = step.teacher[0].forward_features(x)
         s = step.student.forward_features(x)
         ce = F.cross_entropy(s.logits.float(), y)
         for acc, grad in zip(g_ce, torch.autograd.grad(ce, params, retain_graph=True), strict=True):
@@ -122,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out = []
     for run_dir in args.runs:
-        cfg, step, part, batches, teacher = build(run_dir)
+        cfg, step, part, batches = build(run_dir)
         tag = cfg["tracking"]["tags"].get("method") or cfg["distill"]["method"]
-        at_start = measure(step, part, teacher, batches, args.batches)
+        at_start = measure(step, part, batches, args.batches)
         state = load_checkpoint(run_dir / "checkpoint.pt")
         step.load_state_dict(state["trainable"])
-        at_end = measure(step, part, teacher, batches, args.batches)
+        at_end = measure(step, part, batches, args.batches)
         out.append(
             {"run": str(run_dir), "method": tag, "seed": cfg["seed"], "start": at_start, "end": at_end}
         )
