@@ -20,6 +20,8 @@ from conftest import (
     write_config,
     write_imagefolder,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dfakd import data
@@ -691,3 +693,43 @@ def test_prepared_dataset_folders_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE(root.stat().st_mode) == 0o775
     assert stat.S_IMODE((root / "train").stat().st_mode) == 0o775
     assert stat.S_IMODE((root / "COMPLETE").stat().st_mode) == 0o664
+
+
+_NAMES = st.sampled_from(["a", "B", "c.d", "_x", "z9", "Ä", "sub", "10", "2"])
+_FILES = st.sampled_from(
+    ["0.png", "1.PNG", "b.jpeg", "x.JPG", "n.txt", ".hidden.png", "img.tiff", "noext", "w.webp"]
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    tree=st.dictionaries(
+        _NAMES,
+        st.lists(st.tuples(st.sampled_from(["", "sub", "sub/deeper", "A"]), _FILES), max_size=6),
+        min_size=1,
+        max_size=4,
+    ),
+    link=st.booleans(),
+)
+def test_image_listing_matches_torchvision_imagefolder(tmp_path_factory, tree, link: bool):
+    """dfakd lists an ImageFolder split itself (no torchvision import at a job's start): the same files,
+    labels and order as torchvision's ``make_dataset``, with subfolders, case-mixed and non-image names,
+    empty classes and a linked folder."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    from dfakd.data.datasets import IMAGE_EXTENSIONS, _image_files
+
+    root = tmp_path_factory.mktemp("split")
+    for cls, files in tree.items():
+        (root / cls).mkdir()
+        for sub, name in files:
+            (root / cls / sub).mkdir(parents=True, exist_ok=True)
+            (root / cls / sub / name).write_bytes(b"")
+    if link:
+        outside = tmp_path_factory.mktemp("linked")
+        (outside / "l.png").write_bytes(b"")
+        (root / next(iter(tree)) / "linked").symlink_to(outside, target_is_directory=True)
+    class_to_idx = {c: i for i, c in enumerate(sorted(tree))}
+    expected = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS
+    assert _image_files(root, class_to_idx) == expected

@@ -211,10 +211,26 @@ def train_classes(name: str, root: Path) -> list[str]:
     return classes
 
 
-def _image_files(split_dir: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-    return make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+
+def _image_files(split_dir: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """The (path, label) of every image under ``split_dir/<class>/`` (subfolders and linked folders
+    included), in the order torchvision's ImageFolder lists them: classes by name, folders and files
+    sorted. Written here because importing torchvision pulls in ``torch._dynamo``, some 2 s of every job's
+    start."""
+    samples = []
+    for name in sorted(class_to_idx):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for folder, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            samples += [
+                (os.path.join(folder, f), class_to_idx[name])
+                for f in sorted(files)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
+    return samples
 
 
 def _read_rgb(name: str, path: str) -> np.ndarray:
