@@ -65,3 +65,36 @@ def test_search_alphas_table_averages_over_search_seeds_per_variant(tmp_path: Pa
         "| s0: 3, s1: 1 |",
         "| mnist5k | t | resnet8 | mse_st | 8 px | a 0.70 +- 0.00; b 0.20 +- 0.00; c 0.10 +- 0.00 | s0: 1 |",
     ]
+
+
+def test_compare_runs_applies_the_parity_criterion_per_method_and_figure(tmp_path: Path) -> None:
+    """scripts/compare_runs.py: B - A of the seed means against the larger seed std, per method, for best
+    and last top-1. Hand-computed: kd's difference is 0.5 against a std of 1.0, Welch t
+    0.5 / sqrt(1/3 + 0.25/3); ofd's 2.0 against 0.5, t 2 / sqrt(2 * 0.25/3)."""
+    import subprocess
+    import sys
+
+    def write(folder: Path, method: str, seed: int, best: float, last: float) -> None:
+        path = folder / "students" / "ds" / "t" / "s" / method / f"s{seed}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"best_acc1": best, "last_acc1": last, "seed": seed, "method": method}))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, (ka, kb, oa, ob) in enumerate(
+        [(90.0, 91.0, 80.0, 82.5), (91.0, 92.0, 81.0, 83.0), (92.0, 91.5, 80.5, 82.0)]
+    ):
+        write(a, "kd", seed, ka, ka)
+        write(b, "kd", seed, kb, kb - 3.0)  # last: B is 2.5 lower on average, outside the std
+        write(a, "ofd", seed, oa, oa)
+        write(b, "ofd", seed, ob, ob)
+    write(a, "dfa", 0, 1.0, 1.0)  # only in A: not compared
+    script = Path(__file__).parents[1] / "scripts" / "compare_runs.py"
+    out = subprocess.run([sys.executable, script, a, b], capture_output=True, text=True, check=True).stdout
+    rows = {
+        tuple(c.strip() for c in line.split("|")[4:6]): line for line in out.splitlines() if "| ds |" in line
+    }
+    assert sorted(rows) == [("kd", "best"), ("kd", "last"), ("ofd", "best"), ("ofd", "last")]
+    assert rows["kd", "best"].endswith("| +0.500 | 1.000 | 0.77 | within |")
+    assert rows["kd", "last"].endswith("| -2.500 | 1.000 | -3.87 | outside |")
+    assert rows["ofd", "best"].endswith("| +2.000 | 0.500 | 4.90 | outside |")
+    assert "91.00 +- 1.00 (90.0, 91.0, 92.0)" in rows["kd", "best"]
