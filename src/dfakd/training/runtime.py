@@ -46,8 +46,9 @@ def setup(cfg: dict[str, Any]) -> torch.device:
     seed_everything(cfg["seed"])
     device = select_device(runtime["device"])
     # the fast paths are on by default where they are safe: bf16 autocast and channels-last on CUDA. On a
-    # CPU with native bf16 they are about 2x faster, but the demo's parity check (docs/BENCHMARKS.md,
-    # 2026-12-01) did not put bf16 within the seed spread of fp32, so there they stay an opt-in
+    # CPU with native bf16 they are about 2x faster, but in the demo's 5-seed parity check
+    # (docs/BENCHMARKS.md, 2026-12-02) bf16 cost the OFD and DFA students 0.3-0.8 points, beyond the
+    # seed spread, so there they stay an opt-in
     # (`bf16_hint`, said once a job has opened: a refused input prints its one line alone)
     if runtime["precision"] == "auto":
         runtime["precision"] = "bf16" if device.type == "cuda" else "fp32"
@@ -77,7 +78,8 @@ def bf16_hint(runtime: dict[str, Any], device: torch.device) -> str | None:
     if device.type == "cpu" and runtime["precision"] == "fp32" and cpu_has_native_bf16():
         return (
             "this CPU has native bf16 (AMX or AVX512-BF16): --set runtime.precision=bf16 "
-            "--set runtime.channels_last=true trains about 2x faster (docs/BENCHMARKS.md)"
+            "--set runtime.channels_last=true trains about 2x faster, but cost the demo's OFD and DFA "
+            "students 0.3-0.8 points (docs/BENCHMARKS.md)"
         )
     return None
 
