@@ -45,10 +45,10 @@ def setup(cfg: dict[str, Any]) -> torch.device:
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
     device = select_device(runtime["device"])
-    # the fast paths are on by default where they are safe: bf16 autocast and channels-last on CUDA. On a
-    # CPU with native bf16 they are about 2x faster, but in the demo's 5-seed parity check
-    # (docs/BENCHMARKS.md, 2026-12-02) bf16 cost the OFD and DFA students 0.3-0.8 points, beyond the
-    # seed spread, so there they stay an opt-in
+    # the fast paths are on by default on CUDA: bf16 autocast and channels-last (accuracy parity with fp32
+    # not yet measured there). On a CPU with native bf16 they are about 2x faster, but in the demo's 5-seed
+    # parity check (docs/BENCHMARKS.md, 2026-12-02), run end to end in bf16, the OFD and DFA students lost
+    # 0.3-0.8 points, beyond the seed spread, so there they stay an opt-in
     # (`bf16_hint`, said once a job has opened: a refused input prints its one line alone)
     if runtime["precision"] == "auto":
         runtime["precision"] = "bf16" if device.type == "cuda" else "fp32"
@@ -78,8 +78,8 @@ def bf16_hint(runtime: dict[str, Any], device: torch.device) -> str | None:
     if device.type == "cpu" and runtime["precision"] == "fp32" and cpu_has_native_bf16():
         return (
             "this CPU has native bf16 (AMX or AVX512-BF16): --set runtime.precision=bf16 "
-            "--set runtime.channels_last=true trains about 2x faster, but cost the demo's OFD and DFA "
-            "students 0.3-0.8 points (docs/BENCHMARKS.md)"
+            "--set runtime.channels_last=true trains about 2x faster, but the demo run end to end in bf16 "
+            "lost 0.3-0.8 points on its OFD and DFA students (docs/BENCHMARKS.md)"
         )
     return None
 
