@@ -18,20 +18,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from dfakd.summary import parse_student_path
+from dfakd.summary import collect
 
-FIGURES = (("best", "best_acc1"), ("last", "last_acc1"))
+FIGURES = (("best", "_best_values"), ("last", "_last_values"))
 
 
-def student_figures(results: Path) -> dict[tuple[str, str, str, str], dict[int, dict[str, float]]]:
-    """(dataset, teacher, student, method) -> seed -> {"best": .., "last": ..}."""
-    found: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
-    for path in sorted((results / "students").glob("*/*/*/*/s*/result.json")):
-        ids = parse_student_path(path)
-        doc = json.loads(path.read_text())
-        key = (ids["dataset"], ids["teacher"], ids["student"], ids["method"])
-        found.setdefault(key, {})[ids["seed"]] = {name: float(doc[field]) for name, field in FIGURES}
-    return found
+def student_rows(results: Path) -> dict[tuple[str, str, str, str], dict]:
+    """(dataset, teacher, student, method) -> the summary's row for it (its seeds' values included)."""
+    rows = collect(sorted((results / "students").glob("*/*/*/*/s*/result.json")), {})
+    return {(r["dataset"], r["teacher"], r["student"], r["method"]): r for r in rows}
 
 
 def compare(a: list[float], b: list[float]) -> dict[str, float | bool]:
@@ -49,20 +44,18 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results_a: Path, results_b: Path) -> str:
-    a, b = student_figures(results_a), student_figures(results_b)
+    a, b = student_rows(results_a), student_rows(results_b)
     lines = [
         f"A = {results_a}, B = {results_b}",
         "| dataset | teacher | student | method | figure | A | B | B - A | larger std | Welch t | verdict |",
         "|---|---|---|---|---|---|---|---:|---:|---:|---|",
     ]
     for key in sorted(a.keys() & b.keys()):
-        seeds_a, seeds_b = a[key], b[key]
-        if len(seeds_a) < 2 or len(seeds_b) < 2:
+        if a[key]["seeds"] < 2 or b[key]["seeds"] < 2:
             lines.append(f"| {' | '.join(key)} | | fewer than 2 seeds in a folder | | | | | |")
             continue
-        for name, _ in FIGURES:
-            va = [seeds_a[s][name] for s in sorted(seeds_a)]
-            vb = [seeds_b[s][name] for s in sorted(seeds_b)]
+        for name, values in FIGURES:
+            va, vb = a[key][values], b[key][values]
             c = compare(va, vb)
             lines.append(
                 f"| {' | '.join(key)} | {name} | {_cell(va)} | {_cell(vb)} | {c['difference']:+.3f} "

@@ -92,6 +92,7 @@ def collect(student_results: list[Path], teacher_results: dict[str, Path]) -> li
             "seeds": len(results), "best_mean": best[0], "best_std": best[1], "last_mean": last[0],
             "last_std": last[1], "teacher_top1": teacher_top1.get(f"{dataset}/{teacher}"),
             "_kind": results[0].get("method", method), "_best_values": [r["best_acc1"] for r in results],
+            "_last_values": [r["last_acc1"] for r in results],
             "_best_by_seed": {r.get("seed"): r["best_acc1"] for r in results},
         })  # fmt: skip
     by_pair: dict[tuple, list[dict]] = defaultdict(list)
