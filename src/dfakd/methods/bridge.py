@@ -39,11 +39,7 @@ from torch import nn
 from dfakd.methods import aggregation as agg_mod
 from dfakd.methods.base import GroupPair, match_groups
 from dfakd.models import FeatureNet, NetFeatures
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
+from dfakd.training.runtime import autocast
 
 ST_DISTANCES = ("normalized", "mse")
 
