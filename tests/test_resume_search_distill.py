@@ -1,6 +1,7 @@
 """Kill and resume for the search and the distillation (the training job has its own test in
 test_training.py): SIGKILL at any point, or SIGTERM (pre-emption, which saves mid-epoch), then a rerun
-ends exactly where an uninterrupted run ends (CPU, deterministic settings)."""
+ends exactly where an uninterrupted run in the same precision ends (CPU, deterministic settings; fp32,
+and bf16 autocast with channels-last for SIGTERM)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     cfg["teacher"] = {"arch": "resnet14", "checkpoint": str(base / "teacher" / "best.pt")}
     cfg["search"] = {"epochs": 1, "batch_size": 8, "beta_lr": 0.05}
     cfg["distill"] = {"method": "ofd+kd"}
-    return base, write_config(base / "cfg.yaml", cfg)
+    bf16 = {**cfg, "runtime": {**cfg["runtime"], "precision": "bf16", "channels_last": True}}
+    configs = {"fp32": write_config(base / "cfg.yaml", cfg), "bf16": write_config(base / "bf16.yaml", bf16)}
+    return base, configs
 
 
 def _start(verb: str, cfg: Path, out: Path, cwd: Path) -> subprocess.Popen:
@@ -60,11 +63,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
+
+
+@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=["SIGKILL", "SIGTERM", "SIGTERM-bf16"])
 @pytest.mark.parametrize(("verb", "state_name", "result_name"), CASES, ids=[c[0] for c in CASES])
-def test_interrupted_job_resumes_to_the_uninterrupted_result(setup, verb, state_name, result_name, sig):
-    base, cfg = setup
-    tag = f"{verb}-{sig.name}"
+def test_interrupted_job_resumes_to_the_uninterrupted_result(
+    setup, verb, state_name, result_name, sig, precision
+):
+    base, configs = setup
+    cfg = configs[precision]
+    tag = f"{verb}-{sig.name}-{precision}"
     reference, killed = base / f"{tag}-reference", base / f"{tag}-killed"
     ref_proc = _start(verb, cfg, reference, base)
     proc = _start(verb, cfg, killed, base)
@@ -101,3 +110,4 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(setup, verb, state_
             ma = torch.load(killed / name, weights_only=True)["model"]
             mb = torch.load(reference / name, weights_only=True)["model"]
             assert all(torch.equal(ma[k], mb[k]) for k in mb), name
+    assert json.loads((killed / "settings.json").read_text())["runtime.precision"] == precision

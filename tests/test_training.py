@@ -155,14 +155,21 @@ def _start_train(cfg_path: Path, run: Path, cwd: Path, log: Path) -> subprocess.
         )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, sig: signal.Signals):
+#: (signal, runtime.precision); bf16 (autocast, channels-last: what `auto` picks on CUDA, opt-in on a CPU)
+#: with SIGTERM only, the mid-epoch save, which restores the most state
+INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
+
+
+@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=["SIGKILL", "SIGTERM", "SIGTERM-bf16"])
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, sig: signal.Signals, precision: str):
     """SIGKILL loses the epoch in progress; SIGTERM (pre-emption) saves it mid-epoch. Either way the
-    resumed run ends exactly where an uninterrupted one does."""
+    resumed run ends exactly where an uninterrupted one in the same precision does."""
     epochs = 4
     images = write_imagefolder(tmp_path / "imgs", n_train=150, n_test=20)
     cfg = tiny_config(images.root, tmp_path / "results", epochs=epochs, schedule="cosine")
     cfg["runtime"].update(deterministic=True, threads=1, log_every=1000)
+    if precision == "bf16":
+        cfg["runtime"].update(precision="bf16", channels_last=True)
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     killed, reference = tmp_path / "killed", tmp_path / "reference"
 
@@ -228,6 +235,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, sig: signal.Si
     ra = json.loads((killed / "result.json").read_text())
     rb = json.loads((reference / "result.json").read_text())
     assert {k: v for k, v in ra.items() if k not in WALL} == {k: v for k, v in rb.items() if k not in WALL}
+    assert json.loads((killed / "settings.json").read_text())["runtime.precision"] == precision
 
 
 # ---------------------------------------------------------------------------------------- import-teacher
