@@ -43,6 +43,14 @@ def test_paired_difference_against_ofd_uses_the_same_seeds(tmp_path: Path) -> No
     assert "paired_vs_ofd_mean" in (tmp_path / "s.csv").read_text().splitlines()[0]
 
 
+def test_per_seed_values_are_in_seed_order_whatever_order_the_files_come_in(tmp_path: Path) -> None:
+    seeds = [10, 2, 0, 1]  # as a lexicographic listing of s0, s1, s10, s2 would not give them
+    paths = [_result(tmp_path, "kd", "kd", seed, 90.0 + seed) for seed in seeds]
+    for order in (paths, sorted(paths), sorted(paths, key=str, reverse=True)):
+        (row,) = summary.collect(order, {})
+        assert row["_best_values"] == row["_last_values"] == [90.0, 91.0, 92.0, 100.0]
+
+
 def test_search_alphas_table_averages_over_search_seeds_per_variant(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -73,9 +73,10 @@ def collect(student_results: list[Path], teacher_results: dict[str, Path]) -> li
     """One row per (dataset, teacher, student, method). ``teacher_results``: ``'<dataset>/<teacher>'`` ->
     a ``result.json`` (trained: best_acc1) or an evaluation JSON (imported: top1)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for path in student_results:
-        ids = parse_student_path(Path(path))
-        result = json.loads(Path(path).read_text())
+    located = [(parse_student_path(Path(path)), Path(path)) for path in student_results]
+    # in seed order (2 before 10), whatever order the paths come in
+    for ids, path in sorted(located, key=lambda found: found[0]["seed"]):
+        result = json.loads(path.read_text())
         groups[(ids["dataset"], ids["teacher"], ids["student"], ids["method"])].append(result)
     teacher_top1 = {}
     for key, path in teacher_results.items():
