@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -261,6 +262,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+#: the kill-and-resume matrix of the train, search and distill tests: (signal, runtime.precision). bf16
+#: (autocast with channels-last: what `auto` picks on CUDA, an opt-in on a CPU) with SIGTERM only, the
+#: mid-epoch save, which restores the most state
+INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
+INTERRUPTION_IDS = ["SIGKILL", "SIGTERM", "SIGTERM-bf16"]
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, run_cli, tiny_config, write_config, write_imagefolder
+from conftest import (
+    INTERRUPTION_IDS,
+    INTERRUPTIONS,
+    cli_env,
+    run_cli,
+    tiny_config,
+    write_config,
+    write_imagefolder,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +71,7 @@ CASES = [
 ]
 
 
-INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
-
-
-@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=["SIGKILL", "SIGTERM", "SIGTERM-bf16"])
+@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=INTERRUPTION_IDS)
 @pytest.mark.parametrize(("verb", "state_name", "result_name"), CASES, ids=[c[0] for c in CASES])
 def test_interrupted_job_resumes_to_the_uninterrupted_result(
     setup, verb, state_name, result_name, sig, precision

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli_env, one_line_error, run_cli, tiny_config, write_config, write_imagefolder
+from conftest import (
+    INTERRUPTION_IDS,
+    INTERRUPTIONS,
+    cli_env,
+    one_line_error,
+    run_cli,
+    tiny_config,
+    write_config,
+    write_imagefolder,
+)
 
 from dfakd import cli, config, models
 
@@ -155,12 +164,7 @@ def _start_train(cfg_path: Path, run: Path, cwd: Path, log: Path) -> subprocess.
         )
 
 
-#: (signal, runtime.precision); bf16 (autocast, channels-last: what `auto` picks on CUDA, opt-in on a CPU)
-#: with SIGTERM only, the mid-epoch save, which restores the most state
-INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
-
-
-@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=["SIGKILL", "SIGTERM", "SIGTERM-bf16"])
+@pytest.mark.parametrize(("sig", "precision"), INTERRUPTIONS, ids=INTERRUPTION_IDS)
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, sig: signal.Signals, precision: str):
     """SIGKILL loses the epoch in progress; SIGTERM (pre-emption) saves it mid-epoch. Either way the
     resumed run ends exactly where an uninterrupted one in the same precision does."""
