@@ -264,9 +264,10 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Completed
     )
 
 
-#: the kill-and-resume matrix of the train, search and distill tests: (signal, runtime.precision). bf16
-#: (autocast with channels-last: what `auto` picks on CUDA, an opt-in on a CPU) with SIGTERM only, the
-#: mid-epoch save, which restores the most state
+#: the kill-and-resume matrix of the train, search and distill tests: (signal, runtime.precision). fp32
+#: with the `auto` memory format (channels-last on x86-64, contiguous elsewhere); bf16 (autocast with
+#: channels-last: what `auto` picks on CUDA, an opt-in on a CPU) with SIGTERM only, the mid-epoch save,
+#: which restores the most state
 INTERRUPTIONS = [(signal.SIGKILL, "fp32"), (signal.SIGTERM, "fp32"), (signal.SIGTERM, "bf16")]
 INTERRUPTION_IDS = ["SIGKILL", "SIGTERM", "SIGTERM-bf16"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import random
 import sys
 import time
@@ -13,6 +14,9 @@ import numpy as np
 import torch
 
 from dfakd.errors import DfakdError
+
+#: what ``platform.machine()`` says on the CPUs where channels-last was measured faster in fp32
+X86_64 = ("x86_64", "amd64")
 
 
 def select_device(requested: str) -> torch.device:
@@ -45,15 +49,16 @@ def setup(cfg: dict[str, Any]) -> torch.device:
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg["seed"])
     device = select_device(runtime["device"])
-    # the fast paths are on by default on CUDA: bf16 autocast and channels-last (accuracy parity with fp32
-    # not yet measured there). On a CPU with native bf16 they are about 2x faster, but in the demo's 5-seed
-    # parity check (docs/BENCHMARKS.md, 2026-12-02), run end to end in bf16, the OFD and DFA students lost
-    # 0.3-0.8 points, beyond the seed spread, so there they stay an opt-in
-    # (`bf16_hint`, said once a job has opened: a refused input prints its one line alone)
+    # CUDA: bf16 autocast and channels-last (accuracy parity with fp32 not yet measured there). x86-64 CPU:
+    # fp32 with channels-last, 1.24x faster on the demo DAG and within the seed spread of contiguous fp32 in
+    # its 5-seed parity check (docs/BENCHMARKS.md, 2026-12-02 evening); other CPUs are unmeasured and stay
+    # contiguous. bf16 stays an opt-in on a CPU: run end to end in bf16 the demo's OFD and DFA students lost
+    # 0.3-0.8 points, beyond the seed spread (`bf16_hint`, said once a job has opened: a refused input
+    # prints its one line alone)
     if runtime["precision"] == "auto":
         runtime["precision"] = "bf16" if device.type == "cuda" else "fp32"
     if runtime["channels_last"] == "auto":
-        runtime["channels_last"] = device.type == "cuda"
+        runtime["channels_last"] = device.type == "cuda" or platform.machine().lower() in X86_64
     if runtime["finite_check_every"] == 0:
         # reading a loss back waits for the GPU; on the CPU it costs nothing
         runtime["finite_check_every"] = 50 if device.type == "cuda" else 1
@@ -76,10 +81,12 @@ def cpu_has_native_bf16() -> bool:
 def bf16_hint(runtime: dict[str, Any], device: torch.device) -> str | None:
     """The one line that names the bf16 opt-in, for an fp32 job on a CPU with native bf16."""
     if device.type == "cpu" and runtime["precision"] == "fp32" and cpu_has_native_bf16():
+        opt_in = "--set runtime.precision=bf16" + (
+            "" if runtime["channels_last"] else " --set runtime.channels_last=true"
+        )
         return (
-            "this CPU has native bf16 (AMX or AVX512-BF16): --set runtime.precision=bf16 "
-            "--set runtime.channels_last=true trains about 2x faster, but the demo run end to end in bf16 "
-            "lost 0.3-0.8 points on its OFD and DFA students (docs/BENCHMARKS.md)"
+            f"this CPU has native bf16 (AMX or AVX512-BF16): {opt_in} trains 1.3-2.5x faster, but the demo "
+            "run end to end in bf16 lost 0.3-0.8 points on its OFD and DFA students (docs/BENCHMARKS.md)"
         )
     return None
 
