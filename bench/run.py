@@ -25,8 +25,8 @@ step's activations, gradients and workspace). On CPU there is no allocator count
 the process's resident set size (``/proc/self/statm``, sampled every 2 ms by a thread, after
 ``malloc_trim``) over its value just before the step: an approximation that can miss short spikes.
 
-Inputs are what ``BatchStream`` yields: with channels-last off, crop_flip's batches are channels-last
-strided anyway (see docs/BENCHMARKS.md), so the fp32 figures are the package's real fp32 path.
+Inputs are in the memory format of the mode, as ``BatchStream`` yields them in a job (contiguous with
+channels-last off), so each mode's figures are the package's real path in that mode.
 """
 
 from __future__ import annotations
