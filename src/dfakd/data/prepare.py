@@ -7,7 +7,7 @@ runs, and nothing is written.
 
 Every split it reads is reported with a content digest (:func:`split_digest`: the decoded pixels, labels
 and class names, not the files), so two machines, or two sessions, can tell whether they train on the
-same data whatever the file order, timestamps or PNG encoder.
+same data whatever the directory listing order, timestamps or PNG encoder.
 """
 
 from __future__ import annotations
@@ -102,4 +102,5 @@ def prepare(
         raise DfakdError(f"prepare-data: unknown dataset {name!r}")
     cfg = {"name": name, "root": str(root), "download": download}
     for split in ("train", "test"):
-        echo(f"{describe_split(name, split, load_split(cfg, split))} in {root}")
+        echo(describe_split(name, split, load_split(cfg, split)))
+    echo(f"{name} ready in {root}")
