@@ -82,6 +82,20 @@ def test_cifar_official_checksums_refuse_synthetic_files(cifar100_unpatched: Cif
     with pytest.raises(DfakdError, match="cifar100 not found or corrupted") as err:
         data.load_split({"name": "cifar100", "root": str(cifar100_unpatched.root)}, "test")
     assert str(cifar100_unpatched.folder) in str(err.value)
+    message = str(err.value)  # each way to fetch it, said once
+    assert message.count("download: true") == 1 and message.count("cifar-100-python.tar.gz") == 1
+
+
+def test_prepare_data_cifar_reports_each_split_with_its_digest(cifar10: CifarFiles):
+    from dfakd.data.prepare import prepare, split_digest
+
+    lines: list[str] = []
+    prepare("cifar10", cifar10.root, echo=lines.append)
+    cfg = {"name": "cifar10", "root": str(cifar10.root)}
+    assert len(lines) == 3 and lines[2] == f"cifar10 ready in {cifar10.root}"
+    for line, (split, n) in zip(lines, (("train", 20), ("test", 6)), strict=False):
+        assert line.startswith(f"cifar10 {split}: {n} images (32x32), ")
+        assert line.endswith(f"; content sha256 {split_digest(data.load_split(cfg, split))}")
 
 
 CIFAR_FOLDERS = [("cifar100", "cifar-100-python"), ("cifar10", "cifar-10-batches-py")]

@@ -166,8 +166,7 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageSpli
             raise
         raise DfakdError(
             f"{name} not found or corrupted: expected the python-pickle batches in "
-            f"{root / CIFAR_DIRS[name]} (set dataset.download: true where there is internet, or "
-            f"{fetch_hint(name, root)})"
+            f"{root / CIFAR_DIRS[name]}; {fetch_hint(name, root)}"
         ) from None
     except OSError as exc:  # download attempted without internet
         raise DfakdError(f"{name}: download into {root} failed ({exc}); fetch the archive by hand") from None
