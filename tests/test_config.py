@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dfakd import config
 from dfakd.errors import DfakdError
@@ -221,3 +224,67 @@ def test_lr_warmup_then_multistep():
     got = [lr_at(e, recipe) for e in range(6)]
     assert got[:3] == pytest.approx([0.01, 0.04, 0.07], rel=1e-12)
     assert got[3] == 0.1 and got[4:] == pytest.approx([0.01, 0.01], rel=1e-12)
+
+
+# what the workflow compares (Snakemake's params) and what a job's fingerprint holds must agree: a run-only
+# key decides neither, every other key of a stage's sections reaches both
+
+RUN_ONLY_VALUES = {
+    "dataset.download": st.booleans(),
+    "runtime.device": st.sampled_from(["auto", "cpu"]),
+    "runtime.threads": st.integers(0, 8),
+    "runtime.log_every": st.integers(1, 500),
+    "runtime.eval_batch_size": st.integers(1, 2048),
+    "runtime.compile": st.sampled_from([False, True, "default", "reduce-overhead"]),
+    "runtime.deterministic": st.booleans(),
+    "runtime.channels_last": st.sampled_from(["auto", True, False]),
+    "runtime.finite_check_every": st.integers(0, 100),
+    "tracking.enabled": st.booleans(),
+    "tracking.retries": st.integers(0, 5),
+    "tracking.experiment": st.text("abcxyz_-", min_size=1, max_size=8),
+    "tracking.tags": st.dictionaries(st.sampled_from(["method", "who"]), st.text("ab", max_size=3)),
+}
+
+
+def nested(flat: dict) -> dict:
+    out: dict = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def test_run_only_keys_are_the_defaults_own():
+    flat = config.flatten(config.DEFAULTS)
+    assert set(config.RUN_ONLY_KEYS) <= set(flat)
+    assert {k for k in flat if config.is_run_only(k)} == set(RUN_ONLY_VALUES) | {
+        k for k in flat if k.startswith("tracking.")
+    }
+
+
+@given(
+    run_only=st.dictionaries(st.sampled_from(sorted(RUN_ONLY_VALUES)), st.none(), min_size=1).flatmap(
+        lambda keys: st.fixed_dictionaries({k: RUN_ONLY_VALUES[k] for k in keys})
+    ),
+    precision=st.sampled_from(["auto", "fp32", "bf16"]),
+    lr=st.floats(0.001, 1.0),
+)
+@settings(max_examples=60, deadline=None)
+def test_split_run_only_keeps_apart_what_decides_results(run_only: dict, precision: str, lr: float):
+    from dfakd.jobs.common import STAGE_SECTIONS, stage_settings
+
+    deciding = {"runtime": {"precision": precision}, "recipe": {"lr": lr}, "seed": 3}
+    job = config.merge(config.merge(config.DEFAULTS, deciding), nested(run_only))
+    decides, runs = config.split_run_only(job)
+    flat_decides, flat_runs = config.flatten(decides), config.flatten(runs)
+    assert not set(flat_decides) & set(flat_runs)
+    assert {**flat_decides, **flat_runs} == config.flatten(job)
+    assert all(config.is_run_only(k) for k in flat_runs) and not any(map(config.is_run_only, flat_decides))
+    assert decides == config.split_run_only(config.merge(config.DEFAULTS, deciding))[0]
+    # the fingerprinted settings of every stage come from the deciding part alone
+    baseline = config.load(json_configs=[json.dumps(deciding)])
+    for stage in STAGE_SECTIONS:
+        assert stage_settings(job, stage) == stage_settings(baseline, stage), stage

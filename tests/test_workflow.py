@@ -653,6 +653,31 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(
     assert "params" in text.lower()  # the reason: Snakemake's params-change rerun trigger
 
 
+#: how jobs run, not what they compute: dfakd's run-only keys (config.RUN_ONLY_KEYS, tracking), set where a
+#: user sets them (job:, datasets.<d>.download, tracking:), and the resources
+RUN_ONLY_CHANGE = {
+    "job": {
+        "runtime": {
+            "device": "cpu", "log_every": 3, "channels_last": False, "eval_batch_size": 100,
+            "compile": False, "deterministic": True, "finite_check_every": 2,
+        },
+        "tracking": {"retries": 1, "tags": {"who": "tester"}},
+    },
+    "datasets": {"mnist5k": {"download": True}},
+    "tracking": {"enabled": False},
+    "resources": {"default": {"threads": 2}},
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_only_change_reruns_nothing(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """They reach the jobs in `params.run`, which Snakemake's params trigger does not compare: nothing is
+    planned, as `dfakd` by hand would retrain nothing (what a rerun job receives: the next test)."""
+    counts, text = dry_run(*tiny_run.configfiles, write_yaml(tmp_path / "run_only.yaml", RUN_ONLY_CHANGE))
+    assert counts == {}, text[-3000:]
+    assert "Nothing to be done" in text
+
+
 def _first_row(path: Path) -> dict[str, str]:
     import csv
 
@@ -670,6 +695,7 @@ def test_a_rerun_trains_with_the_changed_values(tiny_run: TinyRun, tmp_path: Pat
         "recipes": {"kd_recipe": {"epochs": 1, "batch_size": 128, "lr": 0.02, "schedule": "cosine"}},
         "methods": {"kd": {"recipe": "kd_recipe", "options": {"kd": {"weight": 0.5}}}},
         "search": {"beta_lr": 0.01},
+        "job": {"runtime": {"log_every": 3}},  # run-only: reruns nothing, but what reruns runs with it
     }
     configfiles = [*tiny_run.configfiles, write_yaml(tmp_path / "change.yaml", change)]
     proc = snakemake("--cores", "2", "--configfile", *configfiles, timeout=900)
@@ -695,6 +721,10 @@ def test_a_rerun_trains_with_the_changed_values(tiny_run: TinyRun, tmp_path: Pat
     )
     assert (students["dfa"] / "superseded").is_dir()  # a new aggregation: the DFA student retrained
     assert not (students["vanilla"] / "superseded").exists() and not (students["ofd"] / "superseded").exists()
+    for run_dir in (kd, search_dir, students["dfa"]):  # params.run reached the jobs that reran
+        runtime = yaml.safe_load((run_dir / "config.yaml").read_text())["runtime"]
+        assert runtime["log_every"] == 3 and runtime["threads"] >= 1, run_dir
+    assert yaml.safe_load((students["ofd"] / "config.yaml").read_text())["runtime"]["log_every"] == 50
 
     vanilla_result = students["vanilla"] / "result.json"
     forced = snakemake(

@@ -104,6 +104,42 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+#: keys that change how a job runs, never what it computes: a change of them retrains nothing (by hand, and
+#: through the workflow, which keeps them out of the rule params that Snakemake compares)
+RUN_ONLY_KEYS = (
+    "dataset.download", "runtime.device", "runtime.threads", "runtime.log_every", "runtime.eval_batch_size",
+    "runtime.compile", "runtime.deterministic", "runtime.channels_last", "runtime.finite_check_every",
+)  # fmt: skip
+#: sections that are run-only as a whole: where a job logs, not what it computes
+RUN_ONLY_SECTIONS = ("tracking",)
+
+
+def is_run_only(dotted: str) -> bool:
+    return dotted.split(".")[0] in RUN_ONLY_SECTIONS or any(
+        dotted == key or dotted.startswith(f"{key}.") for key in RUN_ONLY_KEYS
+    )
+
+
+def split_run_only(cfg: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A (partial) config as (what decides a job's result, how the job runs), both nested like ``cfg``;
+    merged, the two give ``cfg`` back."""
+    decides: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if is_run_only(dotted):
+            runs[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and value and any(k.startswith(f"{dotted}.") for k in RUN_ONLY_KEYS):
+            decides_below, runs_below = split_run_only(value, f"{dotted}.")
+            if decides_below:
+                decides[key] = decides_below
+            if runs_below:
+                runs[key] = runs_below
+        else:
+            decides[key] = copy.deepcopy(value)
+    return decides, runs
+
+
 # keys whose value is a free-form mapping (no schema below them)
 _FREE_FORM = {"tracking.tags", "distill.options"}
 # keys that are null by default and accept these types

@@ -89,10 +89,12 @@ def tracking_section():
     return section
 
 
-# What does not change a job's result stays out of its params, so that changing it reruns nothing: the
-# thread count reaches a job through {threads}, its GPU count through {resources.gpu}, the local GPU
-# pool through {resources.gpu_pool} and {resources.gpu_slots} (jobs per GPU), the MLflow store through the
-# parent run file. Snakemake's `--resources gpu=N*K` caps how many GPU jobs run at once.
+# What does not change a job's result stays out of the params Snakemake compares, so that changing it
+# reruns nothing: a job's run-only keys (its threads, device, progress output, MLflow tracking: dfakd's
+# `RUN_ONLY_KEYS` and `RUN_ONLY_SECTIONS`) reach it in the param `run` (see `run_only`), its GPU count through
+# {resources.gpu}, the local GPU pool through {resources.gpu_pool} and {resources.gpu_slots} (jobs per GPU),
+# the MLflow store through the parent run file. Snakemake's `--resources gpu=N*K` caps how many GPU jobs run
+# at once.
 LOCAL_GPUS = config.get("local_gpus", 0)
 LOCAL_GPU_SLOTS = config.get("local_gpu_slots", 1)
 
@@ -116,6 +118,26 @@ def job_config(dataset, model, recipe=None, seed=0, extra=None):
 
 def as_json(cfg):
     return json.dumps(cfg, sort_keys=True)
+
+
+def decides(job):
+    """The param `job` of a rule: the part of the job config (``job(wildcards)``) that decides the result.
+    Snakemake's params rerun trigger compares it: a change of it reruns the job."""
+    return lambda wildcards: as_json(job_config_mod.split_run_only(job(wildcards))[0])
+
+
+def run_only(job):
+    """The param `run` of a rule: the part of the job config that changes how the job runs, with the job's
+    thread count. Computed from the job's threads, it counts as a derived param, which Snakemake's params
+    rerun trigger does not compare (it compares params not derived from input, output, threads or
+    resources): a change of it reruns nothing, as `dfakd` by hand retrains nothing."""
+
+    def run(wildcards, threads):
+        cfg = job_config_mod.split_run_only(job(wildcards))[1]
+        cfg["runtime"] = {**cfg.get("runtime", {}), "threads": threads}
+        return as_json(cfg)
+
+    return run
 
 
 def teacher_job(teacher):
@@ -164,6 +186,33 @@ def student_job(dataset, teacher, student, method, seed):
     # tracking.* is operational: not in the job's settings, so it retrains nothing
     cfg["tracking"]["tags"] = {**cfg["tracking"].get("tags", {}), "method": method}
     return cfg
+
+
+# the job config of a job of each rule (job_of_<rule>), from its wildcards
+
+
+def job_of_train_teacher(w):
+    return teacher_job(w.teacher)
+
+
+def job_of_evaluate_teacher(w):
+    return job_config(w.dataset, teacher_def(w.teacher)["arch"])
+
+
+def job_of_search(w):
+    return search_job(w.dataset, w.teacher, w.student, w.sseed, w.variant)
+
+
+def job_of_derive(w):
+    return derive_job(w.dataset, w.teacher, w.student, w.sseed, w.mode)
+
+
+def job_of_distill(w):
+    return student_job(w.dataset, w.teacher, w.student, w.method, w.seed)
+
+
+def job_of_evaluate_student(w):
+    return job_config(w.dataset, w.student)
 
 
 # ---- paths ----------------------------------------------------------------------------------------

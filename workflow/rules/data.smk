@@ -19,7 +19,10 @@ rule prepare_data:
     params:
         name=lambda w: config["datasets"][w.dataset]["name"],
         root=lambda w: config["datasets"][w.dataset]["root"],
-        download=lambda w: (
+        # run-only, like the param `run` of the training rules (common.smk): computed from threads, it is a
+        # derived param, which Snakemake's params trigger does not compare, so dropping `download` once the
+        # data is there reruns nothing (a rerun here would rerun every job that reads the data)
+        download=lambda w, threads: (
             "--download" if config["datasets"][w.dataset].get("download") else ""
         ),
     shell:

@@ -37,13 +37,12 @@ rule search:
         mem_mb=resources_for("search")["mem_mb"],
         runtime=resources_for("search")["runtime"],
     params:
-        job=lambda w: as_json(
-            search_job(w.dataset, w.teacher, w.student, w.sseed, w.variant)
-        ),
+        job=decides(job_of_search),
+        run=run_only(job_of_search),
         run_dir=lambda w, output: os.path.dirname(output.search),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --set teacher.checkpoint={input.teacher:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd search --config-json {params.job:q} --config-json {params.run:q} --parent-run-file {params.parent:q} --set teacher.checkpoint={input.teacher:q} "
         "-o {params.run_dir:q} > {log:q} 2>&1"
 
 
@@ -68,9 +67,8 @@ rule derive:
         mem_mb=2000,
         runtime=10,
     params:
-        job=lambda w: as_json(
-            derive_job(w.dataset, w.teacher, w.student, w.sseed, w.mode)
-        ),
+        job=decides(job_of_derive),
+        run=run_only(job_of_derive),
         search=lambda w, input: option("--search", input.search),
     shell:
-        "dfakd derive --config-json {params.job:q} --mode {wildcards.mode} {params.search:q} -o {output:q} > {log:q} 2>&1"
+        "dfakd derive --config-json {params.job:q} --config-json {params.run:q} --mode {wildcards.mode} {params.search:q} -o {output:q} > {log:q} 2>&1"

@@ -24,14 +24,13 @@ rule distill:
         mem_mb=resources_for("distill")["mem_mb"],
         runtime=resources_for("distill")["runtime"],
     params:
-        job=lambda w: as_json(
-            student_job(w.dataset, w.teacher, w.student, w.method, w.seed)
-        ),
+        job=decides(job_of_distill),
+        run=run_only(job_of_distill),
         run_dir=lambda w, output: os.path.dirname(output.result),
         aggregation=lambda w, input: option("--aggregation", input.aggregation),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} --teacher {input.teacher:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd distill --config-json {params.job:q} --config-json {params.run:q} --parent-run-file {params.parent:q} --teacher {input.teacher:q} "
         "{params.aggregation:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
@@ -55,7 +54,8 @@ rule evaluate_student:
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
-        job=lambda w: as_json(job_config(w.dataset, w.student)),
+        job=decides(job_of_evaluate_student),
+        run=run_only(job_of_evaluate_student),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --config-json {params.run:q} --checkpoint {input.checkpoint:q} -o {output:q} "
         "> {log:q} 2>&1"

@@ -22,11 +22,12 @@ rule train_teacher:
         mem_mb=resources_for("train")["mem_mb"],
         runtime=resources_for("train")["runtime"],
     params:
-        job=lambda w: as_json(teacher_job(w.teacher)),
+        job=decides(job_of_train_teacher),
+        run=run_only(job_of_train_teacher),
         run_dir=lambda w, output: os.path.dirname(output.best),
         parent=PARENT_RUN_FILE,
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --set runtime.threads={threads} --parent-run-file {params.parent:q} -o {params.run_dir:q} > {log:q} 2>&1"
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd train --config-json {params.job:q} --config-json {params.run:q} --parent-run-file {params.parent:q} -o {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule import_teacher:
@@ -75,7 +76,8 @@ rule evaluate_teacher:
         mem_mb=resources_for("evaluate")["mem_mb"],
         runtime=resources_for("evaluate")["runtime"],
     params:
-        job=lambda w: as_json(job_config(w.dataset, teacher_def(w.teacher)["arch"])),
+        job=decides(job_of_evaluate_teacher),
+        run=run_only(job_of_evaluate_teacher),
     shell:
-        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --set runtime.threads={threads} --checkpoint {input.checkpoint:q} -o {output:q} "
+        "DFAKD_GPU_POOL={resources.gpu_pool} DFAKD_GPU_SLOTS={resources.gpu_slots} DFAKD_JOB_GPUS={resources.gpu} dfakd evaluate --config-json {params.job:q} --config-json {params.run:q} --checkpoint {input.checkpoint:q} -o {output:q} "
         "> {log:q} 2>&1"

@@ -32,12 +32,9 @@ STAGE_SECTIONS = {
     "search": ("seed", "dataset", "model", "teacher", "search", "derive", "runtime"),
     "distill": ("seed", "dataset", "model", "teacher", "distill", "recipe", "runtime"),
 }
-#: keys inside those sections that change how a job runs, not what it computes
-OPERATIONAL = {
-    "dataset.download", "runtime.device", "runtime.threads", "runtime.log_every", "runtime.eval_batch_size",
-    "runtime.compile", "runtime.deterministic", "runtime.channels_last", "runtime.finite_check_every",
-    "teacher.checkpoint", "distill.aggregation", "distill.options",
-}  # fmt: skip
+#: keys inside those sections that stay out of the settings: the run-only ones, and those whose content
+#: enters the settings in another form (the teacher's and the aggregation's digests, the resolved options)
+OPERATIONAL = {*config_mod.RUN_ONLY_KEYS, "teacher.checkpoint", "distill.aggregation", "distill.options"}
 #: keys added after results were first written, at the value that computes what those results computed
 #: without the key: at that value they stay out of the settings, so the earlier results stay valid
 ADDED_NEUTRAL = {"search.warmup_epochs": 0}
