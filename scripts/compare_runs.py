@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from dfakd.summary import collect
+from dfakd.summary import collect, mean_std
 
 FIGURES = (("best", "_best_values"), ("last", "_last_values"))
 
@@ -39,7 +39,7 @@ def compare(a: list[float], b: list[float]) -> dict[str, float | bool]:
 
 
 def _cell(values: list[float]) -> str:
-    mean, std = statistics.mean(values), statistics.stdev(values)
+    mean, std = mean_std(values)
     return f"{mean:.2f} +- {std:.2f} ({', '.join(f'{v:.1f}' for v in values)})"
 
 

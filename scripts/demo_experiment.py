@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from dfakd.summary import mean_std
 
 CONFIG = "config/jobs/demo.yaml"
 ROWS = [  # (label, method, aggregation mode or None)
@@ -82,8 +83,8 @@ def main() -> None:
         cells = []
         for key in ("last_acc1", "best_acc1"):
             values = [r[key] for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.2f} +- {std:.2f}")
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.2f} +- {std:.2f}")
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)

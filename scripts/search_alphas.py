@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from dfakd.summary import mean_std
 
 
 def collect(results: Path) -> dict[tuple[str, str, str, str, int], list[tuple[int, list[str], list[float]]]]:
@@ -44,8 +45,8 @@ def table(found) -> str:
         columns = list(zip(*(alphas for _, _, alphas in runs), strict=True))
         cells = []
         for name, values in zip(names, columns, strict=True):
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{name} {statistics.mean(values):.2f} +- {std:.2f}")
+            mean, std = mean_std(values)
+            cells.append(f"{name} {mean:.2f} +- {std:.2f}")
         largest = ", ".join(f"s{seed}: {max(range(len(a)), key=a.__getitem__) + 1}" for seed, _, a in runs)
         lines.append(
             f"| {dataset} | {teacher} | {student} | {variant} | {spatial} px | {'; '.join(cells)} "

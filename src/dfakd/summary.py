@@ -46,7 +46,8 @@ def method_rank(name: str, kind: str | None = None) -> tuple[int, str]:
     return rank, name
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value): every "mean +- std" dfakd prints."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -86,8 +87,8 @@ def collect(student_results: list[Path], teacher_results: dict[str, Path]) -> li
     rows = []
     order = sorted(groups.items(), key=lambda kv: (kv[0][:3], method_rank(kv[0][3], kv[1][0].get("method"))))
     for (dataset, teacher, student, method), results in order:
-        best = _mean_std([r["best_acc1"] for r in results])
-        last = _mean_std([r["last_acc1"] for r in results])
+        best = mean_std([r["best_acc1"] for r in results])
+        last = mean_std([r["last_acc1"] for r in results])
         rows.append({
             "dataset": dataset, "teacher": teacher, "student": student, "method": method,
             "seeds": len(results), "best_mean": best[0], "best_std": best[1], "last_mean": last[0],
@@ -123,7 +124,7 @@ def paired_difference(row: dict[str, Any], reference: dict[str, Any] | None) -> 
     diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs), key=str)]
     if not diffs:
         return empty
-    mean, std = _mean_std(diffs)
+    mean, std = mean_std(diffs)
     return {"paired_vs_ofd_mean": mean, "paired_vs_ofd_std": std, "paired_vs_ofd_seeds": len(diffs)}
 
 
