@@ -128,6 +128,7 @@ def test_evaluate_best_matches_result(trained: Trained):
     assert {"top1", "top5", "loss"} <= set(metrics)
     assert metrics["top1"] == result["best_acc1"]
     assert metrics["n"] == 12 and metrics["arch"] == "resnet8"
+    assert metrics["checkpoint_sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and metrics["loss"] > 0
     best_row = _csv(trained.run / "metrics.csv")[result["best_epoch"] - 1]
     assert metrics["top5"] == float(best_row["test_acc5"])

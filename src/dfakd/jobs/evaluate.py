@@ -32,7 +32,8 @@ def evaluate_checkpoint(
     model = prepare_module(model, device, cfg["runtime"]["channels_last"])
     metrics = evaluate(model, test_stream(cfg, device), cfg["runtime"]["precision"])
     result = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint),  # as given; the digest names it wherever the folder is copied
+        "checkpoint_sha256": sha256_of(checkpoint),
         "arch": meta["arch"],
         "dataset": cfg["dataset"]["name"],
         **metrics,
