@@ -11,10 +11,16 @@ rule summary:
         teachers=list(teacher_evaluations().values()),
     output:
         csv=report(
-            f"{OUT}/summary.csv", caption="../report/summary.rst", category="Summary"
+            f"{OUT}/summary.csv",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"table": "summary (CSV, for scripts)"},
         ),
         md=report(
-            f"{OUT}/summary.md", caption="../report/summary.rst", category="Summary"
+            f"{OUT}/summary.md",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"table": "summary (Markdown)"},
         ),
         html=report(
             f"{OUT}/summary.html",
