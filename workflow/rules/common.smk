@@ -100,8 +100,9 @@ LOCAL_GPU_SLOTS = config.get("local_gpu_slots", 1)
 
 
 def job_config(dataset, model, recipe=None, seed=0, extra=None):
-    """The job config (merged by `dfakd` over its defaults) of one job (rule instance); only what decides
-    the job's result, since a change of it reruns the job."""
+    """The job config (merged by `dfakd` over its defaults) of one job (rule instance); its rule passes it
+    as two params, what decides the result (`decides`) and how the job runs (`run_only`).
+    """
     cfg = json.loads(json.dumps(config.get("job", {})))
     cfg["seed"] = int(seed)
     cfg["results_dir"] = OUT
