@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,13 @@ RUN_ONLY_KEYS = (
 RUN_ONLY_SECTIONS = ("tracking",)
 
 
+def is_under(dotted: str, keys: Iterable[str]) -> bool:
+    """Whether ``dotted`` is one of ``keys`` or lies below one of them."""
+    return any(dotted == key or dotted.startswith(f"{key}.") for key in keys)
+
+
 def is_run_only(dotted: str) -> bool:
-    return dotted.split(".")[0] in RUN_ONLY_SECTIONS or any(
-        dotted == key or dotted.startswith(f"{key}.") for key in RUN_ONLY_KEYS
-    )
+    return is_under(dotted, RUN_ONLY_KEYS) or is_under(dotted, RUN_ONLY_SECTIONS)
 
 
 def split_run_only(cfg: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -56,8 +56,7 @@ def stage_settings(cfg: dict[str, Any], stage: str, extra: dict[str, Any] | None
     settings = {
         k: v
         for k, v in flat.items()
-        if not any(k == op or k.startswith(f"{op}.") for op in OPERATIONAL)
-        and not (k in ADDED_NEUTRAL and v == ADDED_NEUTRAL[k])
+        if not config_mod.is_under(k, OPERATIONAL) and not (k in ADDED_NEUTRAL and v == ADDED_NEUTRAL[k])
     }
     return {**settings, **(extra or {})}
 
